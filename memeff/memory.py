@@ -1,0 +1,51 @@
+"""Memory, counted two ways: analytic byte counts from shapes, and bytes of live tensors.
+
+Live bytes are counted per storage, so two views of one buffer are counted once.
+(The third way, CUDA allocator deltas, belongs to the benchmarks.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def kv_cache_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype) -> int:
+    """Bytes of the K and V cache of all layers: 2 * n_layer * B * T * n_kv_head * head_dim * itemsize.
+
+    ``config`` is anything with ``n_layer`` and ``n_kv_head`` and either ``head_dim`` or
+    ``n_embd`` and ``n_head`` (a :class:`memeff.GPTConfig`, or a namespace describing a
+    published model whose head dimension is not ``n_embd / n_head``).
+    """
+    head_dim = getattr(config, "head_dim", None) or config.n_embd // config.n_head
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.n_layer * batch_size * seq_len * config.n_kv_head * head_dim * itemsize
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the storages behind ``tensors``, each storage counted once."""
+    seen: set[tuple[torch.device, int]] = set()
+    total = 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        key = (t.device, storage.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
+def cache_bytes(cache) -> int:
+    """Measured bytes held by a :class:`memeff.model.KVCache`'s tensors."""
+    return tensor_bytes(cache.tensors())
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Measured bytes of every tensor in ``optimizer.state`` (``step`` tensors included)."""
+    return tensor_bytes(
+        value
+        for param_state in optimizer.state.values()
+        for value in param_state.values()
+        if isinstance(value, torch.Tensor)
+    )
