@@ -1,0 +1,326 @@
+"""Train a GPT on Tiny Shakespeare: ``train(TrainConfig(...))`` or ``python -m memeff.train``.
+
+The defaults are nanoGPT's "baby GPT" CPU run (4 layers, 4 heads, n_embd 128, block 64,
+batch 12, 2000 iterations, lr 1e-3 cosine to 1e-4 after 100 warmup iterations, beta2 0.99,
+weight decay 0.1 on 2-D weights, grad clip 1.0, dropout 0, eval every 250 iterations).
+
+Iteration ``it`` runs, in order: set the lr, evaluate and checkpoint (every
+``eval_interval`` iterations and at ``max_iters``), forward/backward over
+``grad_accum_steps`` micro-batches, clip, step, zero the gradients, log. The run ends
+with the evaluation at ``max_iters``, after ``max_iters`` optimizer steps. A checkpoint
+holds everything that decides the rest of the run (weights, optimizer state, the batch
+generator and the global RNG), so resuming from iteration k reproduces an uninterrupted
+run exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from memeff import cli
+from memeff.data import DATASETS, Dataset, get_batch, load_dataset
+from memeff.memory import state_bytes
+from memeff.model import GPT, GPTConfig
+from memeff.optim import OPTIMIZER_NAMES, build_optimizer
+from memeff.results import atomic_write, write_json
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "ckpt.pt"
+RESULT_NAME = "result.json"
+# fields that may differ between a checkpoint and the run that resumes it
+RESUME_MAY_CHANGE = ("out_dir", "resume", "log_interval")
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = "char"  # "char" (65 symbols) or "bpe" (GPT-2 tokens)
+    # model
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None: n_head (MHA)
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+    bias: bool = False
+    # optimization
+    optimizer: str = "adamw"
+    optimizer_hparams: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments
+    batch_size: int = 12
+    grad_accum_steps: int = 1
+    max_iters: int = 2000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int | None = None  # None: max_iters
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+    # evaluation, logging, checkpoints
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 100
+    seed: int = 1337
+    device: str = "cpu"
+    out_dir: str | None = None  # checkpoints and result.json go here; None writes nothing
+    resume: bool = False
+
+    def __post_init__(self):
+        positive = ("batch_size", "grad_accum_steps", "eval_interval", "eval_iters",
+                    "log_interval")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("max_iters", "warmup_iters"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.lr_decay_iters is not None and self.lr_decay_iters <= self.warmup_iters:
+            raise ValueError(f"TrainConfig.lr_decay_iters ({self.lr_decay_iters}) must exceed "
+                             f"warmup_iters ({self.warmup_iters})")
+        if not self.learning_rate > 0:
+            raise ValueError(f"TrainConfig.learning_rate must be positive, got {self.learning_rate!r}")
+        for name in ("min_lr", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"TrainConfig.dataset must be one of {', '.join(DATASETS)}, "
+                             f"got {self.dataset!r}")
+        if self.optimizer not in OPTIMIZER_NAMES:
+            raise ValueError(f"TrainConfig.optimizer must be one of {', '.join(OPTIMIZER_NAMES)}, "
+                             f"got {self.optimizer!r}")
+        if self.resume and self.out_dir is None:
+            raise ValueError("TrainConfig.resume needs out_dir, the directory holding the checkpoint")
+        self.model_config(vocab_size=1)  # checks the model fields now, before any work
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig(n_layer=self.n_layer, n_head=self.n_head, n_kv_head=self.n_kv_head,
+                         n_embd=self.n_embd, block_size=self.block_size, vocab_size=vocab_size,
+                         dropout=self.dropout, bias=self.bias)
+
+
+@dataclass
+class TrainResult:
+    config: dict[str, Any]
+    n_params: int
+    optimizer_state_bytes: int
+    evals: list[dict[str, float]]  # {"iter", "train_loss", "val_loss"} per evaluation
+    final_train_loss: float
+    final_val_loss: float
+    median_ms_per_iter: float  # over the optimizer steps this call ran
+    tokens_per_s: float
+    iters_run: int  # optimizer steps this call ran (fewer than max_iters after a resume)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lr_at(it: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to ``min_lr`` at ``lr_decay_iters`` (nanoGPT's schedule)."""
+    decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model: GPT, data: Dataset, cfg: TrainConfig) -> dict[str, float]:
+    """Mean loss over ``eval_iters`` batches per split; the same batches at every evaluation."""
+    model.eval()
+    losses = {}
+    for split, ids in (("train", data.train), ("val", data.val)):
+        generator = torch.Generator().manual_seed(cfg.seed)
+        total = 0.0
+        for _ in range(cfg.eval_iters):
+            x, y = get_batch(ids, cfg.batch_size, cfg.block_size, generator)
+            _, loss = model(x.to(cfg.device), y.to(cfg.device))
+            total += loss.item()
+        losses[split] = total / cfg.eval_iters
+    model.train()
+    return losses
+
+
+def _check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    current = asdict(cfg)
+    differing = [name for name in current
+                 if name not in RESUME_MAY_CHANGE and saved.get(name) != current[name]]
+    if differing:
+        details = ", ".join(f"{n}: checkpoint {saved.get(n)!r} vs now {current[n]!r}"
+                            for n in differing)
+        raise ValueError(f"cannot resume: the configuration differs from the checkpoint's "
+                         f"({details}); use the same settings or another --out-dir")
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train as configured and return the losses, timings and memory of the run.
+
+    The global RNG (weight init, dropout) is seeded from ``cfg.seed`` inside a fork, so
+    the caller's RNG state is left as it was and a run depends on its config alone.
+    """
+    device = torch.device(cfg.device)
+    cuda_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(cfg.seed)
+        return _train(cfg, device)
+
+
+def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
+    checkpoint_path = Path(cfg.out_dir) / CHECKPOINT_NAME if cfg.out_dir else None
+    checkpoint = None
+    if cfg.resume:
+        if not checkpoint_path.is_file():
+            raise FileNotFoundError(f"cannot resume: no checkpoint at {checkpoint_path}")
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        _check_resumable(checkpoint["train_config"], cfg)
+
+    data = load_dataset(cfg.dataset)
+    model = GPT(cfg.model_config(data.vocab_size)).to(device)
+    optimizer = build_optimizer(cfg.optimizer, model, lr=cfg.learning_rate,
+                                weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
+                                **cfg.optimizer_hparams)
+    batch_generator = torch.Generator().manual_seed(cfg.seed)
+    evals: list[dict[str, float]] = []
+    start_iter = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        batch_generator.set_state(checkpoint["batch_generator"])
+        torch.set_rng_state(checkpoint["rng_state"])  # dropout draws from the global RNG
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["cuda_rng_state"], device)
+        evals = list(checkpoint["evals"])
+        start_iter = checkpoint["iter"]
+        log.info("resumed from %s at iteration %d", checkpoint_path, start_iter)
+
+    def save_checkpoint(it: int) -> None:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "iter": it,
+            "train_config": asdict(cfg),
+            "model_config": asdict(model.config),
+            "dataset": cfg.dataset,
+            "chars": data.chars,
+            "evals": evals,
+            "batch_generator": batch_generator.get_state(),
+            "rng_state": torch.get_rng_state(),
+        }
+        if device.type == "cuda":
+            state["cuda_rng_state"] = torch.cuda.get_rng_state(device)
+        atomic_write(checkpoint_path, lambda f: torch.save(state, f))
+
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps
+    step_seconds: list[float] = []
+    it = start_iter
+    while True:
+        lr = lr_at(it, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        due = it % cfg.eval_interval == 0 or it == cfg.max_iters
+        if due and not (checkpoint is not None and it == start_iter):  # its eval is in evals
+            losses = estimate_loss(model, data, cfg)
+            evals.append({"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]})
+            log.info("eval %d/%d: train loss %.4f, val loss %.4f", it, cfg.max_iters,
+                     losses["train"], losses["val"])
+            if checkpoint_path is not None:
+                save_checkpoint(it)
+        if it >= cfg.max_iters:
+            break
+
+        t0 = time.perf_counter()
+        for _ in range(cfg.grad_accum_steps):
+            x, y = get_batch(data.train, cfg.batch_size, cfg.block_size, batch_generator)
+            _, loss = model(x.to(device), y.to(device))
+            (loss / cfg.grad_accum_steps).backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_seconds.append(time.perf_counter() - t0)
+
+        if it % cfg.log_interval == 0:
+            recent = statistics.median(step_seconds[-cfg.log_interval:])
+            eta = recent * (cfg.max_iters - it - 1)
+            log.info("iter %d/%d: loss %.4f, lr %.2e, %.1f ms/iter, %.0f s left", it,
+                     cfg.max_iters, loss.item(), lr, 1000 * recent, eta)
+        it += 1
+
+    median_s = statistics.median(step_seconds) if step_seconds else float("nan")
+    result = TrainResult(
+        config=asdict(cfg),
+        n_params=model.num_params(),
+        optimizer_state_bytes=state_bytes(optimizer),
+        evals=evals,
+        final_train_loss=evals[-1]["train_loss"],
+        final_val_loss=evals[-1]["val_loss"],
+        median_ms_per_iter=1000 * median_s,
+        tokens_per_s=tokens_per_iter / median_s,
+        iters_run=len(step_seconds),
+    )
+    if cfg.out_dir:
+        write_json(Path(cfg.out_dir) / RESULT_NAME, result.to_dict())
+    return result
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    """One option per TrainConfig field, e.g. --n-kv-head for n_kv_head."""
+    parser = cli.ArgumentParser(prog="python -m memeff.train",
+                                description="Train a GPT on Tiny Shakespeare (nanoGPT's baby "
+                                            "config by default).")
+    types = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
+    for f in fields(TrainConfig):
+        flags = ["--" + f.name.replace("_", "-")] + (["--lr"] if f.name == "learning_rate" else [])
+        if f.name == "optimizer_hparams":
+            parser.add_argument(*flags, type=_json_object, default={},
+                                help='extra optimizer arguments as a JSON object, '
+                                     'e.g. \'{"eps": 1e-10}\'')
+        elif f.type == "bool":
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(*flags, type=types[f.type], default=f.default,
+                                help=f"(default: {f.default})")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = vars(_parser().parse_args(argv))
+    cfg = TrainConfig(**args)
+    result = train(cfg)
+    print(json.dumps({k: v for k, v in result.to_dict().items() if k not in ("config", "evals")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

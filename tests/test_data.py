@@ -1,0 +1,109 @@
+"""Tiny Shakespeare: codecs round-trip, the split, batches, and a verified download."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from memeff import data
+from memeff.data import (TINY_SHAKESPEARE_BYTES, get_batch, load_dataset,
+                         tiny_shakespeare_path)
+
+
+def test_char_dataset_round_trips_the_text(char_data):
+    text = tiny_shakespeare_path().read_text(encoding="utf-8")
+    assert char_data.vocab_size == 65
+    ids = char_data.encode(text)
+    assert char_data.decode(ids) == text
+    assert len(char_data.train) == int(0.9 * len(text))
+    assert torch.equal(torch.cat([char_data.train, char_data.val]), torch.tensor(ids))
+
+
+def test_bpe_dataset_round_trips_the_text():
+    bpe = load_dataset("bpe")
+    text = tiny_shakespeare_path().read_text(encoding="utf-8")
+    ids = bpe.encode(text)
+    assert len(ids) == 338_025
+    assert bpe.decode(ids) == text
+    assert bpe.vocab_size == 50257
+    assert len(bpe.train) + len(bpe.val) == 338_025
+
+
+def test_unknown_dataset_names_the_choices():
+    with pytest.raises(ValueError, match="char, bpe"):
+        load_dataset("words")
+
+
+def test_batches_come_from_the_generator_not_the_global_rng(char_data):
+    torch.manual_seed(0)
+    x1, y1 = get_batch(char_data.train, 4, 8, torch.Generator().manual_seed(5))
+    torch.manual_seed(123)
+    x2, y2 = get_batch(char_data.train, 4, 8, torch.Generator().manual_seed(5))
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert x1.shape == (4, 8)
+    assert torch.equal(x1[:, 1:], y1[:, :-1])
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """An empty cache directory, with the data-directory override unset."""
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    return tmp_path / "cache"
+
+
+def serve(tmp_path: Path, contents: bytes) -> str:
+    """A file:// address serving ``contents``, standing in for the download server."""
+    source = tmp_path / "served.txt"
+    source.write_bytes(contents)
+    return source.as_uri()
+
+
+def cached_files(cache: Path) -> list[Path]:
+    return [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
+
+
+def test_download_verifies_and_caches(tmp_path, isolated_cache, real_text):
+    path = tiny_shakespeare_path(isolated_cache, url=serve(tmp_path, real_text))
+    assert path == isolated_cache / "tinyshakespeare" / "input.txt"
+    assert path.read_bytes() == real_text
+    assert cached_files(isolated_cache) == [path]
+    # a second call uses the cache and never touches the address
+    assert tiny_shakespeare_path(isolated_cache, url="file:///nonexistent") == path
+
+
+def test_corrupted_download_is_rejected_and_not_cached(tmp_path, isolated_cache, real_text):
+    corrupted = bytearray(real_text)
+    corrupted[1000] ^= 0xFF
+    with pytest.raises(ValueError, match="sha256"):
+        tiny_shakespeare_path(isolated_cache, url=serve(tmp_path, bytes(corrupted)))
+    assert cached_files(isolated_cache) == []
+
+
+def test_truncated_download_is_rejected_and_not_cached(tmp_path, isolated_cache, real_text):
+    with pytest.raises(ValueError, match="truncated"):
+        tiny_shakespeare_path(isolated_cache, url=serve(tmp_path, real_text[:50_000]))
+    assert cached_files(isolated_cache) == []
+
+
+def test_corrupted_cached_file_is_reported(isolated_cache, real_text):
+    path = isolated_cache / "tinyshakespeare" / "input.txt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(real_text[:-1] + b"?")
+    with pytest.raises(ValueError, match="corrupted"):
+        tiny_shakespeare_path(isolated_cache)
+
+
+def test_no_data_and_no_network_names_the_variable(tmp_path, isolated_cache):
+    with pytest.raises(FileNotFoundError, match=data.DATA_DIR_ENV):
+        tiny_shakespeare_path(isolated_cache, url=(tmp_path / "missing.txt").as_uri())
+    assert cached_files(isolated_cache) == []
+
+
+def test_override_without_the_file_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=data.DATA_DIR_ENV):
+        tiny_shakespeare_path()
+
+
+def test_real_text_has_the_published_size(real_text):
+    assert len(real_text) == TINY_SHAKESPEARE_BYTES

@@ -1,0 +1,38 @@
+"""Analytic KV-cache bytes against the bytes a real cache holds."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from memeff import GPTConfig, KVCache
+from memeff.memory import cache_bytes, kv_cache_bytes, tensor_bytes
+
+
+@pytest.mark.parametrize("n_head, n_kv_head", [(8, 8), (8, 2), (8, 1), (12, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_kv_cache_bytes_equals_live_cache(n_head, n_kv_head, dtype):
+    config = GPTConfig(n_layer=3, n_head=n_head, n_kv_head=n_kv_head, n_embd=16 * n_head,
+                       block_size=128, vocab_size=10)
+    cache = KVCache(config, batch_size=2, max_len=100, dtype=dtype)
+    assert cache_bytes(cache) == kv_cache_bytes(config, 2, 100, dtype)
+    # written out: 2 (K and V) * layers * batch * positions * kv heads * head_dim * itemsize
+    itemsize = 4 if dtype == torch.float32 else 2
+    assert kv_cache_bytes(config, 2, 100, dtype) == 2 * 3 * 2 * 100 * n_kv_head * 16 * itemsize
+
+
+def test_kv_cache_bytes_per_token_of_a_70b_shape():
+    shape = SimpleNamespace(n_layer=80, n_kv_head=8, head_dim=128)
+    assert kv_cache_bytes(shape, batch_size=1, seq_len=1, dtype=torch.float16) == 327_680
+
+
+def test_kv_cache_bytes_without_head_dim_uses_n_embd_over_n_head():
+    shape = SimpleNamespace(n_layer=12, n_head=12, n_kv_head=12, n_embd=768)
+    assert kv_cache_bytes(shape, 1, 1, torch.float32) == 2 * 12 * 12 * 64 * 4
+
+
+def test_tensor_bytes_counts_each_storage_once():
+    base = torch.zeros(10, 10)
+    views = [base, base[2:], base.T]
+    assert tensor_bytes(views) == 400
+    assert tensor_bytes([base, torch.zeros(5, dtype=torch.float64)]) == 440

@@ -1,0 +1,104 @@
+"""Training: the loss falls, runs are deterministic, and resuming continues the same trajectory."""
+
+import pytest
+import torch
+
+import memeff.train as train_module
+from memeff.train import TrainConfig, lr_at, train
+
+TINY = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32, batch_size=8,
+            eval_iters=2, warmup_iters=5, log_interval=1000)
+
+
+def test_lr_schedule_is_nanogpts():
+    cfg = TrainConfig()
+    assert lr_at(0, cfg) == pytest.approx(1e-3 / 101)
+    assert lr_at(99, cfg) == pytest.approx(1e-3 * 100 / 101)
+    assert lr_at(100, cfg) == pytest.approx(1e-3)
+    assert lr_at(1050, cfg) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))
+    assert lr_at(2000, cfg) == pytest.approx(1e-4)
+    assert lr_at(2500, cfg) == 1e-4
+
+
+def test_defaults_are_the_baby_gpt_config():
+    cfg = TrainConfig()
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.batch_size) == (4, 4, 128, 64, 12)
+    assert (cfg.max_iters, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters) == (2000, 1e-3, 1e-4, 100)
+    assert (cfg.beta2, cfg.weight_decay, cfg.grad_clip, cfg.dropout) == (0.99, 0.1, 1.0, 0.0)
+    assert (cfg.eval_interval, cfg.eval_iters) == (250, 20)
+
+
+def test_hundred_iterations_lower_the_loss():
+    result = train(TrainConfig(**TINY, max_iters=100, eval_interval=100, learning_rate=3e-3))
+    first, last = result.evals[0], result.evals[-1]
+    assert [e["iter"] for e in result.evals] == [0, 100]
+    assert last["train_loss"] < first["train_loss"] - 0.5
+    assert last["val_loss"] < first["val_loss"] - 0.5
+    assert result.iters_run == 100
+    assert result.optimizer_state_bytes > 0 and result.tokens_per_s > 0
+
+
+def test_same_seed_gives_identical_losses_and_leaves_global_rng_alone():
+    cfg = TrainConfig(**TINY, max_iters=20, eval_interval=10)
+    torch.manual_seed(99)
+    before = torch.get_rng_state()
+    first = train(cfg)
+    assert torch.equal(torch.get_rng_state(), before)
+    second = train(cfg)
+    assert first.evals == second.evals
+    other = train(TrainConfig(**TINY, max_iters=20, eval_interval=10, seed=1))
+    assert other.evals != first.evals
+
+
+def test_interrupted_run_resumes_on_the_same_trajectory(tmp_path, monkeypatch):
+    cfg = dict(TINY, max_iters=40, eval_interval=10, dropout=0.1)
+    uninterrupted = train(TrainConfig(**cfg))
+
+    real_estimate = train_module.estimate_loss
+    calls = []
+
+    def interrupt_at_iteration_30(*args):
+        calls.append(1)
+        if len(calls) == 4:  # evaluations at 0, 10, 20 have run and been checkpointed
+            raise KeyboardInterrupt
+        return real_estimate(*args)
+
+    monkeypatch.setattr(train_module, "estimate_loss", interrupt_at_iteration_30)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**cfg, out_dir=str(tmp_path)))
+    monkeypatch.setattr(train_module, "estimate_loss", real_estimate)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporaries left
+
+    resumed = train(TrainConfig(**cfg, out_dir=str(tmp_path), resume=True))
+    assert resumed.iters_run == 20
+    assert resumed.evals == uninterrupted.evals  # bit-identical floats, 0 through 40
+    assert (tmp_path / "result.json").is_file()
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path):
+    train(TrainConfig(**TINY, max_iters=2, eval_interval=1, out_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="learning_rate"):
+        train(TrainConfig(**TINY, max_iters=2, eval_interval=1, out_dir=str(tmp_path),
+                          resume=True, learning_rate=5e-3))
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(TrainConfig(**TINY, out_dir=str(tmp_path), resume=True))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(batch_size=0), "batch_size"),
+    (dict(max_iters=-1), "max_iters"),
+    (dict(learning_rate=0.0), "learning_rate"),
+    (dict(beta2=1.0), "beta2"),
+    (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(dataset="words"), "dataset"),
+    (dict(optimizer="sgd"), "optimizer"),
+    (dict(n_kv_head=3), "n_kv_head"),
+    (dict(resume=True), "out_dir"),
+    (dict(warmup_iters=100, lr_decay_iters=50), "lr_decay_iters"),
+])
+def test_bad_train_config_names_the_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**fields)
