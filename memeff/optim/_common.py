@@ -1,0 +1,98 @@
+"""Pieces shared by AdamSN and Adafactor: argument checks, gradient checks, chunking."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+# Elements per chunk of the fused per-chunk loops: 4 MiB of float32, so one chunk of
+# each operand (param, grad, state, scratch) stays in a 32 MiB L3 cache between the
+# ops that touch it, while the Python overhead per chunk stays small next to its work.
+DEFAULT_CHUNK_SIZE = 2**20
+
+
+def check_lr(lr: float) -> None:
+    if isinstance(lr, torch.Tensor):
+        raise ValueError(f"Invalid learning rate: a Tensor lr is not supported, got {lr!r}")
+    if not (isinstance(lr, (int, float)) and lr >= 0.0 and math.isfinite(lr)):
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def check_beta(beta: float, index: int, name: str = "beta") -> None:
+    if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
+        raise ValueError(f"Invalid {name} parameter at index {index}: {beta}")
+
+
+def check_nonnegative(value: float, name: str) -> None:
+    if not (isinstance(value, (int, float)) and value >= 0.0 and math.isfinite(value)):
+        raise ValueError(f"Invalid {name} value: {value}")
+
+
+def check_positive_int(value, name: str, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"Invalid {name} value: {value!r} (must be a positive integer)")
+
+
+def check_grad(optimizer_name: str, param: torch.Tensor) -> torch.Tensor:
+    """The param's gradient, refusing sparse and complex ones as torch.optim does."""
+    grad = param.grad
+    if grad.is_sparse:
+        raise RuntimeError(f"{optimizer_name} does not support sparse gradients")
+    if torch.is_complex(param):
+        raise RuntimeError(f"{optimizer_name} does not support complex parameters")
+    return grad
+
+
+def new_step_tensor() -> torch.Tensor:
+    """The ``step`` counter: a float32 CPU scalar tensor, as torch.optim keeps it."""
+    return torch.tensor(0.0, dtype=torch.float32)
+
+
+def largest_divisor_at_most(n: int, k: int) -> int:
+    """The largest divisor of ``n`` that is ``<= k`` (1 when ``k`` is 1)."""
+    for d in range(min(n, k), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def chunks(length: int, per_chunk: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` ranges covering ``range(length)`` in pieces of ``per_chunk``."""
+    per_chunk = max(1, per_chunk)
+    for start in range(0, length, per_chunk):
+        yield start, min(start + per_chunk, length)
+
+
+class Scratch:
+    """One reusable buffer per (device, dtype), alive for a single ``step`` call.
+
+    Ops write their chunk-sized temporaries into it instead of allocating fresh
+    tensors: a fresh tensor over a few MiB is page-faulted in on every use on CPU.
+    """
+
+    def __init__(self, chunk_size: int):
+        self.chunk_size = chunk_size
+        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def get(self, numel: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or like.dtype
+        key = (like.device, dtype)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(max(numel, self.chunk_size), dtype=dtype, device=like.device)
+            self._buffers[key] = buf
+        return buf[:numel]
+
+
+def contiguous_work(param: torch.Tensor, grad: torch.Tensor):
+    """Contiguous versions of ``param`` and ``grad`` (the tensors themselves when they are).
+
+    A non-contiguous param is updated in a contiguous copy that the caller writes back
+    with ``param.copy_(work)``; this costs one param-sized temporary for such params only.
+    """
+    work = param if param.is_contiguous() else param.contiguous()
+    return work, grad.contiguous()
