@@ -130,6 +130,21 @@ class Adafactor(Optimizer):
         super().add_param_group(param_group)
         _check_hparams(self.param_groups[-1])
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but the statistics keep their float32 dtype for low-precision params.
+
+        (torch casts every floating-point state tensor to its param's dtype on load.)
+        """
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, p in zip(ids, params):
+            for key in ("row_var", "col_var", "variance"):
+                if key in saved.get(index, {}):
+                    self.state[p][key] = saved[index][key].to(
+                        device=p.device, dtype=statistics_dtype(p.dtype), copy=True)
+
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
         if len(state) > 0:
