@@ -1,0 +1,134 @@
+"""Optimizer state size (measured == analytic, and the ratios to AdamW) and build_optimizer."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+import torch
+
+from memeff import GPT, GPTConfig
+from memeff.memory import expected_state_bytes, state_bytes
+from memeff.optim import OPTIMIZER_NAMES, AdamSN, Adafactor, build_optimizer
+
+MAKERS = {
+    "adamw": lambda ps: torch.optim.AdamW(ps),
+    "adamw_amsgrad": lambda ps: torch.optim.AdamW(ps, amsgrad=True),
+    "torch_adafactor": lambda ps: torch.optim.Adafactor(ps),
+    "adamsn": lambda ps: AdamSN(ps),
+    "adamsn_int_subsets": lambda ps: AdamSN(ps, subset_size=10),
+    "adamsn_off": lambda ps: AdamSN(ps, subset_norm=False),
+    "adamsnsm": lambda ps: AdamSN(ps, rank=4, gap=2),
+    "adafactor": lambda ps: Adafactor(ps),
+    "adafactor_beta1": lambda ps: Adafactor(ps, beta1=0.9),
+    "adafactor_unfactored": lambda ps: Adafactor(ps, factored=False),
+}
+GRID = [(96, 40), (40, 96), (33, 33), (50,), (1, 7), (7, 1), (3, 8, 5), (2, 3, 4, 5)]
+STEP_BYTES = 4  # one float32 scalar per parameter
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_state_bytes_equal_expected(name, dtype):
+    params = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in GRID]
+    opt = MAKERS[name](params)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert state_bytes(opt) == expected_state_bytes(opt)
+
+
+@pytest.mark.parametrize("n, m", [(96, 40), (40, 96), (768, 3072), (50257, 768)])
+def test_state_ratio_to_adamw(n, m):
+    # meta tensors: the analytic count needs shapes only; measured on the small shapes below
+    p = torch.nn.Parameter(torch.empty(n, m, device="meta"))
+
+    def moment_bytes(opt):
+        return Fraction(expected_state_bytes(opt) - STEP_BYTES)
+
+    adamw = moment_bytes(torch.optim.AdamW([p]))
+    assert moment_bytes(AdamSN([p])) / adamw == Fraction(n * m + max(n, m), 2 * n * m)
+    assert moment_bytes(Adafactor([p])) / adamw == Fraction(n + m, 2 * n * m)
+
+
+def test_state_ratio_measured_on_small_weight():
+    n, m = 96, 40
+    measured = {}
+    for name in ("adamw", "adamsn", "adafactor"):
+        p = torch.nn.Parameter(torch.randn(n, m))
+        p.grad = torch.randn(n, m)
+        opt = MAKERS[name]([p])
+        opt.step()
+        measured[name] = Fraction(state_bytes(opt) - STEP_BYTES)
+    assert measured["adamsn"] / measured["adamw"] == Fraction(n * m + max(n, m), 2 * n * m)
+    assert measured["adafactor"] / measured["adamw"] == Fraction(n + m, 2 * n * m)
+
+
+def test_expected_state_bytes_rejects_unknown_optimizer():
+    with pytest.raises(TypeError, match="SGD"):
+        expected_state_bytes(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1))
+
+
+# ---- build_optimizer ----
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, block_size=16,
+                         vocab_size=64))
+
+
+def _group_of(opt, param):
+    return next(g for g in opt.param_groups if any(p is param for p in g["params"]))
+
+
+def test_unknown_name_lists_valid_ones(model):
+    with pytest.raises(ValueError, match="adamsnsm") as info:
+        build_optimizer("lion", model)
+    assert all(name in str(info.value) for name in OPTIMIZER_NAMES)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_every_param_once_and_decay_on_2d_weights_only(model, name):
+    opt = build_optimizer(name, model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.99))
+    listed = [p for g in opt.param_groups for p in g["params"]]
+    assert len(listed) == len({id(p) for p in listed}) == len(list(model.parameters()))
+    for p in model.parameters():
+        assert _group_of(opt, p)["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0)
+
+
+@pytest.mark.parametrize("tied_as_linear", [True, False])
+def test_grouping_follows_the_reference(model, tied_as_linear):
+    wte = model.transformer.wte.weight
+    assert wte is model.lm_head.weight  # tied
+    wpe = model.transformer.wpe.weight
+    c_attn = model.transformer.h[0].attn.c_attn
+    ln = model.transformer.h[0].ln_1
+
+    sn = build_optimizer("adamsn", model, tied_weight_as_linear=tied_as_linear)
+    assert _group_of(sn, c_attn.weight)["subset_norm"] is True
+    assert _group_of(sn, wte)["subset_norm"] is tied_as_linear
+    for p in (wpe, c_attn.bias, ln.weight):
+        assert _group_of(sn, p)["subset_norm"] is False
+
+    af = build_optimizer("adafactor", model, tied_weight_as_linear=tied_as_linear)
+    assert _group_of(af, c_attn.weight)["factored"] is True
+    assert _group_of(af, wte)["factored"] is tied_as_linear
+    assert _group_of(af, wpe)["factored"] is False
+
+    sm = build_optimizer("adamsnsm", model, rank=8, gap=10)
+    assert _group_of(sm, c_attn.weight)["rank"] == 8
+    assert _group_of(sm, c_attn.weight)["gap"] == 10
+    assert _group_of(sm, wpe)["rank"] is None
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_built_optimizers_step_and_count_state_exactly(model, name):
+    idx = torch.randint(0, 64, (2, 16))
+    opt = build_optimizer(name, model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.99))
+    _, loss = model(idx, idx)
+    loss.backward()
+    opt.step()
+    assert state_bytes(opt) == expected_state_bytes(opt)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
