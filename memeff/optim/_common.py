@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterator
 
 import torch
+from torch.optim import Optimizer
 
 # Elements per chunk of the fused per-chunk loops: 4 MiB of float32, so one chunk of
 # each operand (param, grad, state, scratch) stays in a 32 MiB L3 cache between the
@@ -96,3 +97,63 @@ def contiguous_work(param: torch.Tensor, grad: torch.Tensor):
     """
     work = param if param.is_contiguous() else param.contiguous()
     return work, grad.contiguous()
+
+
+class ChunkedOptimizer(Optimizer):
+    """The loop both optimizers share: lazy state, step counting, contiguous work copies.
+
+    Subclasses define ``NAME``, ``check_hparams(group)`` (raising ValueError),
+    ``init_state(param, group)`` (filling an empty state dict) and
+    ``update(work, grad, state, group, t, scratch)`` (one step on contiguous tensors).
+    """
+
+    NAME = "optimizer"
+
+    def __init__(self, params, defaults: dict, chunk_size: int):
+        check_positive_int(chunk_size, "chunk_size")
+        self.check_hparams(defaults)
+        self.chunk_size = chunk_size
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def check_hparams(group: dict) -> None:
+        raise NotImplementedError
+
+    def init_state(self, param: torch.Tensor, group: dict, state: dict) -> None:
+        raise NotImplementedError
+
+    def update(self, work, grad, state: dict, group: dict, t: float, scratch: Scratch) -> None:
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self.check_hparams(self.param_groups[-1])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        scratch = Scratch(self.chunk_size)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = check_grad(self.NAME, p)
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = new_step_tensor()
+                    self.init_state(p, group, state)
+                state["step"] += 1
+                work, grad = contiguous_work(p, grad)
+                self.update(work, grad, state, group, state["step"].item(), scratch)
+                if work is not p:
+                    p.copy_(work)
+        return loss

@@ -5,19 +5,15 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim import Optimizer
 
 from memeff.optim._common import (
     DEFAULT_CHUNK_SIZE,
+    ChunkedOptimizer,
     Scratch,
     check_beta,
-    check_grad,
     check_lr,
     check_nonnegative,
-    check_positive_int,
     chunks,
-    contiguous_work,
-    new_step_tensor,
 )
 
 __all__ = ["Adafactor", "statistics_dtype"]
@@ -28,7 +24,7 @@ def statistics_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(param_dtype, torch.float32)
 
 
-class Adafactor(Optimizer):
+class Adafactor(ChunkedOptimizer):
     r"""Adafactor, as in the paper, with torch.optim.Adafactor's conventions where they agree.
 
     `Adafactor: Adaptive Learning Rates with Sublinear Memory Cost
@@ -113,22 +109,21 @@ class Adafactor(Optimizer):
         reduction over dim -2 is very slow on CPU.
     """
 
+    NAME = "Adafactor"
+
     def __init__(self, params, lr: float = 1e-2, beta2_decay: float = -0.8,
                  eps: tuple[float, float] = (1e-30, 1e-3), d: float = 1.0,
                  weight_decay: float = 0.0, *, beta1: float | None = None,
                  factored: bool = True, relative_step: bool = True, scale_parameter: bool = True,
                  chunk_size: int = DEFAULT_CHUNK_SIZE):
-        check_positive_int(chunk_size, "chunk_size")
         defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay,
                         beta1=beta1, factored=factored, relative_step=relative_step,
                         scale_parameter=scale_parameter)
-        _check_hparams(defaults)
-        self.chunk_size = chunk_size
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, chunk_size)
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        _check_hparams(self.param_groups[-1])
+    @staticmethod
+    def check_hparams(group: dict) -> None:
+        _check_hparams(group)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but the statistics keep their float32 dtype for low-precision params.
@@ -145,11 +140,7 @@ class Adafactor(Optimizer):
                     self.state[p][key] = saved[index][key].to(
                         device=p.device, dtype=statistics_dtype(p.dtype), copy=True)
 
-    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        state = self.state[p]
-        if len(state) > 0:
-            return state
-        state["step"] = new_step_tensor()
+    def init_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
         stat = statistics_dtype(p.dtype)
         if group["factored"] and p.dim() >= 2:
             state["row_var"] = torch.zeros(*p.shape[:-1], 1, dtype=stat, device=p.device)
@@ -158,48 +149,22 @@ class Adafactor(Optimizer):
             state["variance"] = torch.zeros(p.shape, dtype=stat, device=p.device)
         if group["beta1"] is not None:
             state["exp_avg"] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
-        return state
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform a single optimization step.
-
-        Args:
-            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        scratch = Scratch(self.chunk_size)
-        for group in self.param_groups:
-            eps1, eps2 = group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = check_grad("Adafactor", p)
-                state = self._init_state(p, group)
-                state["step"] += 1
-                t = state["step"].item()
-                rho = min(group["lr"], 1 / math.sqrt(t)) if group["relative_step"] else group["lr"]
-                work, grad = contiguous_work(p, grad)
-                if group["scale_parameter"]:
-                    stat = statistics_dtype(p.dtype)
-                    param_rms = torch.linalg.vector_norm(work, dtype=stat).item() / math.sqrt(max(p.numel(), 1))
-                    alpha = max(eps2, param_rms) * rho
-                else:
-                    alpha = rho
-                step = _Step(beta2_weight=t ** group["beta2_decay"], eps1=eps1, d=group["d"],
-                             alpha=alpha, decay=1 - group["lr"] * group["weight_decay"],
-                             beta1=group["beta1"])
-                if "row_var" in state:
-                    _factored_update(work, grad, state, step, scratch)
-                else:
-                    _unfactored_update(work, grad, state, step, scratch)
-                if work is not p:
-                    p.copy_(work)
-        return loss
+    def update(self, work, grad, state: dict, group: dict, t: float, scratch: Scratch) -> None:
+        eps1, eps2 = group["eps"]
+        rho = min(group["lr"], 1 / math.sqrt(t)) if group["relative_step"] else group["lr"]
+        if group["scale_parameter"]:
+            norm = torch.linalg.vector_norm(work, dtype=statistics_dtype(work.dtype)).item()
+            alpha = max(eps2, norm / math.sqrt(max(work.numel(), 1))) * rho
+        else:
+            alpha = rho
+        step = _Step(beta2_weight=t ** group["beta2_decay"], eps1=eps1, d=group["d"],
+                     alpha=alpha, decay=1 - group["lr"] * group["weight_decay"],
+                     beta1=group["beta1"])
+        if "row_var" in state:
+            _factored_update(work, grad, state, step, scratch)
+        else:
+            _unfactored_update(work, grad, state, step, scratch)
 
 
 class _Step:

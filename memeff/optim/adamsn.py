@@ -5,20 +5,17 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim import Optimizer
 
 from memeff.optim._common import (
     DEFAULT_CHUNK_SIZE,
+    ChunkedOptimizer,
     Scratch,
     check_beta,
-    check_grad,
     check_lr,
     check_nonnegative,
     check_positive_int,
     chunks,
-    contiguous_work,
     largest_divisor_at_most,
-    new_step_tensor,
 )
 
 __all__ = ["AdamSN", "subset_layout"]
@@ -70,7 +67,7 @@ def _projector_side(n: int, m: int) -> str:
     return "right" if n >= m else "left"
 
 
-class AdamSN(Optimizer):
+class AdamSN(ChunkedOptimizer):
     r"""Adam with a subset-norm second moment (AdamSN), optionally with subspace momentum.
 
     `Subset-Norm and Subspace-Momentum: Faster Memory-Efficient Adaptive Optimization
@@ -165,26 +162,21 @@ class AdamSN(Optimizer):
         math is the same as the per-tensor formulas above, element for element.
     """
 
+    NAME = "AdamSN"
+
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, subset_size="auto",
                  subset_norm: bool = True, rank: int | None = None, gap: int = 200,
                  chunk_size: int = DEFAULT_CHUNK_SIZE):
-        check_positive_int(chunk_size, "chunk_size")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         subset_size=subset_size, subset_norm=subset_norm, rank=rank, gap=gap)
-        _check_hparams(defaults)
-        self.chunk_size = chunk_size
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, chunk_size)
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        _check_hparams(self.param_groups[-1])
+    @staticmethod
+    def check_hparams(group: dict) -> None:
+        _check_hparams(group)
 
-    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        state = self.state[p]
-        if len(state) > 0:
-            return state
-        state["step"] = new_step_tensor()
+    def init_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
         layout = subset_layout(p.shape, group["subset_size"], group["subset_norm"])
         if group["rank"] is not None and p.dim() >= 2:
             n = p.size(0)
@@ -199,50 +191,22 @@ class AdamSN(Optimizer):
         else:
             state["exp_avg"] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
         state["exp_avg_sq"] = p.new_zeros(_second_moment_shape(p.shape, layout))
-        return state
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform a single optimization step.
-
-        Args:
-            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        scratch = Scratch(self.chunk_size)
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = check_grad("AdamSN", p)
-                state = self._init_state(p, group)
-                state["step"] += 1
-                t = state["step"].item()
-                bias_correction1 = 1 - beta1**t
-                bias_correction2_sqrt = math.sqrt(1 - beta2**t)
-                work, grad = contiguous_work(p, grad)
-                layout = _layout_of_state(p, state["exp_avg_sq"])
-                if "projector" in state:
-                    numerator = _subspace_numerator(state, grad, t, beta1, bias_correction1,
-                                                    group["gap"])
-                    momentum_weight, step_size = None, group["lr"]
-                else:
-                    numerator = state["exp_avg"]
-                    momentum_weight, step_size = 1 - beta1, group["lr"] / bias_correction1
-                _adamsn_update(
-                    work, grad, numerator, state["exp_avg_sq"], layout, scratch,
-                    momentum_weight=momentum_weight, beta2=beta2, step_size=step_size,
-                    bias_correction2_sqrt=bias_correction2_sqrt, eps=group["eps"],
-                    decay=1 - group["lr"] * group["weight_decay"],
-                )
-                if work is not p:
-                    p.copy_(work)
-        return loss
+    def update(self, work, grad, state: dict, group: dict, t: float, scratch: Scratch) -> None:
+        beta1, beta2 = group["betas"]
+        bias_correction1 = 1 - beta1**t
+        if "projector" in state:
+            numerator = _subspace_numerator(state, grad, t, beta1, bias_correction1, group["gap"])
+            momentum_weight, step_size = None, group["lr"]
+        else:
+            numerator = state["exp_avg"]
+            momentum_weight, step_size = 1 - beta1, group["lr"] / bias_correction1
+        _adamsn_update(
+            work, grad, numerator, state["exp_avg_sq"], _layout_of_state(work, state["exp_avg_sq"]),
+            scratch, momentum_weight=momentum_weight, beta2=beta2, step_size=step_size,
+            bias_correction2_sqrt=math.sqrt(1 - beta2**t), eps=group["eps"],
+            decay=1 - group["lr"] * group["weight_decay"],
+        )
 
 
 def _check_hparams(group: dict) -> None:
@@ -318,14 +282,15 @@ def _adamsn_update(param, grad, numerator, exp_avg_sq, layout, scratch: Scratch,
         else:
             w_c, g_c, mom_c = w[start:stop], g[start:stop], mom[start:stop]
             v_c = exp_avg_sq[start:stop]  # (rows, 1)
-            squares = scratch.get((stop - start) * m, g).view(stop - start, m)
         if decay != 1:
             w_c.mul_(decay)
         if momentum_weight is not None:
             mom_c.lerp_(g_c, momentum_weight)
-        torch.mul(g_c, g_c, out=squares)
-        # a sum over dim 0 is very slow on CPU; a matrix-vector product is not
-        subset_sums = ones @ squares if along_columns else squares.sum(dim=1, keepdim=True)
+        if along_columns:
+            # a sum over dim 0 is very slow on CPU; a matrix-vector product is not
+            subset_sums = ones @ torch.mul(g_c, g_c, out=squares)
+        else:  # one read of the chunk, no squares written out
+            subset_sums = torch.linalg.vector_norm(g_c, dim=1).square_()
         v_c.mul_(beta2).add_(subset_sums.view_as(v_c), alpha=1 - beta2)
         denom = v_c.sqrt().div_(bias_correction2_sqrt).add_(eps)
         w_c.addcdiv_(mom_c, denom, value=-step_size)
