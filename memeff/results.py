@@ -82,3 +82,68 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
     return env
+
+
+SCHEMA_VERSION = 1
+PROFILES = ("quick", "default", "full")
+# key -> type(s) every results file carries at its top level
+REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "schema_version": int,
+    "suite": str,
+    "profile": str,
+    "environment": dict,
+    "seeds": list,
+    "config": dict,
+    "rows": list,
+}
+REQUIRED_ENVIRONMENT = ("utc_time", "git_commit", "git_dirty", "python", "torch", "numpy",
+                        "device_type", "cpu", "torch_threads")
+
+
+def results_document(suite: str, profile: str, device: str | torch.device, seeds: list[int],
+                     config: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A results file's contents: the rows of one suite with everything needed to redo them."""
+    document = {
+        "schema_version": SCHEMA_VERSION,
+        "suite": suite,
+        "profile": profile,
+        "environment": environment(device),
+        "seeds": list(seeds),
+        "config": config,
+        "rows": rows,
+    }
+    validate_results(document)
+    return document
+
+
+def validate_results(document: Any, source: str = "results") -> None:
+    """Raise ``ValueError`` naming the first way ``document`` breaks the results schema."""
+    if not isinstance(document, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(document).__name__}")
+    for key, kind in REQUIRED_FIELDS.items():
+        if key not in document:
+            raise ValueError(f"{source}: missing field {key!r}")
+        if not isinstance(document[key], kind):
+            raise ValueError(f"{source}: field {key!r} should be {kind}, "
+                             f"got {type(document[key]).__name__}")
+    if document["schema_version"] != SCHEMA_VERSION:
+        raise ValueError(f"{source}: schema_version {document['schema_version']}, "
+                         f"this code reads {SCHEMA_VERSION}")
+    if document["profile"] not in PROFILES:
+        raise ValueError(f"{source}: profile {document['profile']!r} is not one of {PROFILES}")
+    missing = [k for k in REQUIRED_ENVIRONMENT if k not in document["environment"]]
+    if missing:
+        raise ValueError(f"{source}: environment lacks {', '.join(missing)}")
+    for i, row in enumerate(document["rows"]):
+        if not isinstance(row, dict):
+            raise ValueError(f"{source}: row {i} is not an object")
+
+
+def read_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and validate a results file."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    validate_results(document, str(path))
+    return document

@@ -1,0 +1,119 @@
+"""Helpers the benchmark suites share: profiles, synchronized timing, SDPA backend names."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import pytest
+import torch
+
+from memeff.results import PROFILES
+
+# torch._fused_sdp_choice returns the index of torch.nn.attention.SDPBackend's member
+SDPA_BACKENDS = {-1: "error", 0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
+
+
+def require_profile(profile: str, needed: str) -> None:
+    """Skip unless the running profile includes ``needed`` (quick < default < full)."""
+    if PROFILES.index(profile) < PROFILES.index(needed):
+        pytest.skip(f"in the {needed} profile: run with --profile {needed}")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synchronized(fn: Callable, device: torch.device) -> Callable:
+    """``fn`` followed by a device synchronization, so a timer sees the work finish."""
+    if device.type != "cuda":
+        return fn
+
+    def run(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
+
+
+def sdpa_backend(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False) -> str:
+    """Which kernel F.scaled_dot_product_attention picks for these inputs."""
+    choice = torch._fused_sdp_choice(q, k, v, attn_mask, 0.0, is_causal, enable_gqa=enable_gqa)
+    return SDPA_BACKENDS.get(int(choice), f"unknown({int(choice)})")
+
+
+def interleaved_medians(candidates: dict[str, Callable[[], object]], rounds: int,
+                        device: torch.device, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each callable, timed in turn round after round.
+
+    Interleaving spreads the machine's drifts (other load, clock changes) over all
+    candidates alike, so ratios between them are fair even on a noisy machine.
+    """
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for r in range(warmup + rounds):
+        for name, fn in candidates.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def optimizer_for(name: str, params, **hparams) -> torch.optim.Optimizer:
+    """Optimizer ``name`` over bare parameters, each given its method's full treatment.
+
+    (``memeff.optim.build_optimizer`` groups a model's parameters by module type; a bare
+    tensor here is treated as the weight the method is meant for, whatever its shape.)
+    """
+    from memeff.optim import Adafactor, AdamSN
+    from memeff.optim.build import SUBSPACE_GAP, SUBSPACE_RANK
+
+    params = list(params)
+    if name == "adamw":
+        return torch.optim.AdamW(params, **hparams)
+    if name == "adamw_fused":
+        return torch.optim.AdamW(params, fused=True, **hparams)
+    if name == "adamw_foreach":
+        return torch.optim.AdamW(params, foreach=True, **hparams)
+    if name == "adamsn":
+        return AdamSN(params, **hparams)
+    if name == "adamsnsm":
+        return AdamSN(params, **{"rank": SUBSPACE_RANK, "gap": SUBSPACE_GAP, **hparams})
+    if name == "adafactor":
+        return Adafactor(params, **hparams)
+    if name == "torch_adafactor":
+        return torch.optim.Adafactor(params, **hparams)
+    if name == "torch_adafactor_foreach":
+        return torch.optim.Adafactor(params, foreach=True, **hparams)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def peak_allocated_bytes(fn: Callable[[], object], device: torch.device) -> tuple[int, str]:
+    """Peak bytes ``fn`` allocates beyond what existed when it started, and how it was measured.
+
+    CUDA: the allocator's peak after ``reset_peak_memory_stats``. CPU: the running sum of
+    the allocation and free events that torch's profiler records during the call.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base, "cuda max_memory_allocated"
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return peak, "cpu profiler allocation events"

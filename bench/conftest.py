@@ -1,0 +1,163 @@
+"""Options, fixtures and results files shared by the benchmark suites.
+
+Each suite is one module with a ``SUITE`` name. Its tests record rows through the
+``record`` fixture; at the end of the session every suite whose tests all passed is
+written, atomically, to ``<results-dir>/<suite>.json``. An interrupted session (Ctrl-C)
+writes nothing, so the previous files stay as they were.
+
+A run of the ``quick`` or ``default`` profile never replaces a published ``full`` file:
+it writes ``<suite>.<profile>.json`` beside it instead, unless ``--overwrite-published``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from memeff.results import PROFILES, read_results, results_document, write_json
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BASE_SEED = 1337
+DEFAULT_SEEDS = {"quick": 1, "default": 1, "full": 3}
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("memeff", "memeff benchmarks")
+    group.addoption("--device", choices=("cpu", "cuda", "auto"), default="auto",
+                    help="where to run (default: auto, CUDA when a GPU is visible)")
+    group.addoption("--profile", choices=PROFILES, default="default",
+                    help="quick: CI slice (<3 min on 2 CPU cores); default: <15 min; "
+                         "full: what the README publishes (default: default)")
+    group.addoption("--results-dir", default=None,
+                    help="where results JSON goes (default: results/<device>)")
+    group.addoption("--seeds", type=int, default=None,
+                    help="training seeds (default: 1, or 3 for --profile full)")
+    group.addoption("--overwrite-published", action="store_true",
+                    help="let a quick or default run replace published full-profile files")
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda, but torch sees no GPU "
+                                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
+                                "install a CUDA build of torch or use --device cpu")
+    return torch.device(choice)
+
+
+def suite_of(path: str | os.PathLike) -> str:
+    """A suite is named after its module: bench/test_kv_cache.py is "kv_cache"."""
+    return Path(path).stem.removeprefix("test_")
+
+
+class Recorder:
+    """Collects rows per suite, notes failing suites, and writes the files at the end."""
+
+    def __init__(self, config):
+        self.config = config
+        self.rows: dict[str, list[dict]] = {}
+        self.modules: dict[str, object] = {}
+        self.failed: set[str] = set()
+
+    def pytest_runtest_logreport(self, report):
+        if report.failed:
+            self.failed.add(suite_of(report.nodeid.split("::")[0]))
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        if not self.rows:
+            return
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        say = reporter.write_line if reporter else print
+        if exitstatus == pytest.ExitCode.INTERRUPTED:
+            say("memeff: interrupted, no results written (previous files left as they were)")
+            return
+        profile = self.config.getoption("--profile")
+        seeds = seeds_for(self.config)
+        for suite, rows in sorted(self.rows.items()):
+            if suite in self.failed:
+                say(f"memeff: {suite} had failures, its results were not written")
+                continue
+            module = self.modules[suite]
+            document = results_document(suite, profile, self.config.memeff_device, seeds,
+                                        module.suite_config(profile), rows)
+            if hasattr(module, "summarize"):
+                document["summary"] = module.summarize(rows)
+            path = results_path(self.config, suite)
+            write_json(path, document)
+            say(f"memeff: wrote {path}")
+
+
+def seeds_for(config) -> list[int]:
+    n = config.getoption("--seeds") or DEFAULT_SEEDS[config.getoption("--profile")]
+    return [BASE_SEED + i for i in range(n)]
+
+
+def pytest_configure(config):
+    if config.getoption("--seeds") is not None and config.getoption("--seeds") <= 0:
+        raise pytest.UsageError(f"--seeds must be positive, got {config.getoption('--seeds')}")
+    config.memeff_device = resolve_device(config.getoption("--device"))
+    config.memeff_recorder = Recorder(config)
+    config.pluginmanager.register(config.memeff_recorder, "memeff-recorder")
+    # these machines have no internet: point at ../shared when the environment does not
+    shared = REPO_ROOT.parent / "shared"
+    if "MEMEFF_DATA_DIR" not in os.environ and (shared / "data").is_dir():
+        os.environ["MEMEFF_DATA_DIR"] = str(shared / "data")
+    if "TIKTOKEN_CACHE_DIR" not in os.environ and (shared / "tiktoken_cache").is_dir():
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(shared / "tiktoken_cache")
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> torch.device:
+    return pytestconfig.memeff_device
+
+
+@pytest.fixture(scope="session")
+def profile(pytestconfig) -> str:
+    return pytestconfig.getoption("--profile")
+
+
+@pytest.fixture(scope="session")
+def seeds(pytestconfig) -> list[int]:
+    return seeds_for(pytestconfig)
+
+
+@pytest.fixture
+def record(request, benchmark):
+    """``record(**row)``: add a row to this module's suite and to the benchmark's extra_info.
+
+    The benchmark's median and rounds are added once it has run (None when timing is off).
+    """
+    recorder: Recorder = request.config.memeff_recorder
+    suite = suite_of(request.module.__file__)
+    recorder.modules[suite] = request.module
+
+    def add(**row):
+        stats = getattr(benchmark, "stats", None)
+        if stats is not None and "median_s" not in row:
+            row["median_s"] = stats.stats.median
+            row["rounds"] = stats.stats.rounds
+        row = {"test": request.node.name, **row}
+        benchmark.extra_info.update({k: v for k, v in row.items() if k != "test"})
+        recorder.rows.setdefault(suite, []).append(row)
+        return row
+
+    return add
+
+
+def results_path(config, suite: str) -> Path:
+    device = config.memeff_device
+    directory = config.getoption("--results-dir") or REPO_ROOT / "results" / device.type
+    path = Path(directory) / f"{suite}.json"
+    profile = config.getoption("--profile")
+    if profile != "full" and path.is_file() and not config.getoption("--overwrite-published"):
+        try:
+            published = read_results(path)["profile"] == "full"
+        except ValueError:
+            published = False
+        if published:
+            path = path.with_name(f"{suite}.{profile}.json")
+    return path

@@ -1,0 +1,89 @@
+"""Optimizer-state bytes against parameter shapes, counted two ways, and the time of a step.
+
+For each shape and optimizer: the analytic count from the optimizer's formula
+(``expected_state_bytes``) must equal the bytes of the live state tensors
+(``state_bytes``), and on CUDA the allocator's growth over the first step, less the step's
+own transient peak, is recorded beside them. Each bare tensor gets its method's full
+treatment (subset-norm or factoring whatever its shape); ``step`` tensors are counted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench.common import optimizer_for, require_profile, synchronized
+from memeff.memory import expected_state_bytes, state_bytes
+from memeff.optim import OPTIMIZER_NAMES
+
+SHAPES = {
+    (128, 128): "quick",
+    (512, 512): "quick",
+    (768,): "quick",
+    (12, 768, 64): "quick",  # 3-D: (first dim, rest) for AdamSN, last two dims for Adafactor
+    (768, 3072): "default",
+    (3072, 768): "default",
+    (4096, 4096): "default",
+    (50257, 768): "full",
+}
+SUBSET_SIZES = (1, 16, 256, 4096, "auto")
+SUBSET_SHAPES = ((768, 3072), (4096, 4096))
+LR = 1e-3
+
+
+def suite_config(profile: str) -> dict:
+    return {"shapes": [list(s) for s in SHAPES], "optimizers": list(OPTIMIZER_NAMES),
+            "adamsn_subset_sizes": list(SUBSET_SIZES),
+            "adamsn_subset_shapes": [list(s) for s in SUBSET_SHAPES],
+            "dtype": "torch.float32", "lr": LR, "step_tensors_counted": True}
+
+
+def shape_id(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def measure(benchmark, record, device, shape, name, **hparams):
+    torch.manual_seed(0)
+    param = torch.randn(shape, device=device, requires_grad=True)
+    param.grad = torch.randn(shape, device=device)
+    optimizer = optimizer_for(name, [param], lr=LR, **hparams)
+    adamw_bytes = expected_state_bytes(torch.optim.AdamW([param], lr=LR))
+    analytic = expected_state_bytes(optimizer)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+    optimizer.step()  # creates the state
+    allocated = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        allocated = torch.cuda.memory_allocated(device) - before
+    live = state_bytes(optimizer)
+    assert live == analytic, f"{name} on {shape}: live state {live} bytes, formula {analytic}"
+    rounds = max(3, min(50, int(2e8 // param.numel())))  # bounded time on large shapes
+    benchmark.pedantic(synchronized(optimizer.step, device), rounds=rounds, warmup_rounds=1)
+    return record(shape=list(shape), numel=param.numel(), optimizer=name, **hparams,
+                  analytic_bytes=analytic, live_bytes=live, allocator_bytes_after_first_step=allocated,
+                  adamw_bytes=adamw_bytes, ratio_to_adamw=live / adamw_bytes)
+
+
+@pytest.mark.benchmark(group="optimizer state")
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+@pytest.mark.parametrize("shape", list(SHAPES), ids=shape_id)
+def test_state_bytes(benchmark, record, device, profile, shape, name):
+    require_profile(profile, SHAPES[shape])
+    row = measure(benchmark, record, device, shape, name)
+    if len(shape) == 2 and name in ("adamsn", "adafactor"):
+        n, m = shape
+        expected_ratio = ((n * m + max(n, m)) if name == "adamsn" else (n + m)) / (2 * n * m)
+        # the formula in the docs, step tensors aside (4 bytes each side)
+        assert math.isclose((row["live_bytes"] - 4) / (row["adamw_bytes"] - 4), expected_ratio)
+
+
+@pytest.mark.benchmark(group="adamsn subset size")
+@pytest.mark.parametrize("subset_size", SUBSET_SIZES, ids=lambda s: f"subset{s}")
+@pytest.mark.parametrize("shape", SUBSET_SHAPES, ids=shape_id)
+def test_adamsn_subset_size(benchmark, record, device, profile, shape, subset_size):
+    require_profile(profile, "default")
+    measure(benchmark, record, device, shape, "adamsn", subset_size=subset_size)

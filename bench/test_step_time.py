@@ -1,0 +1,157 @@
+"""Time of an optimizer step over whole models, against torch's AdamW and the memory floor.
+
+For each model, every optimizer steps the same parameters and gradients; all of them,
+torch's AdamW in foreach and fused form, torch's Adafactor (for-loop and foreach), and an
+in-place add of the gradients to the parameters are timed round after round, interleaved,
+so their ratios come from one run. The in-place add gives the memory bandwidth the step
+could reach; an optimizer's floor is the bytes it must move at that bandwidth, and
+``fraction_of_floor`` is floor time over measured time (1.0 is at the floor).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.common import (interleaved_medians, optimizer_for, peak_allocated_bytes,
+                          require_profile, synchronized)
+from memeff import GPT, GPTConfig
+from memeff.optim import OPTIMIZER_NAMES, build_optimizer
+from memeff.optim.build import param_groups
+
+MODELS = {
+    "baby": (GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65,
+                       bias=False), "quick", 40),
+    "gpt2-124M": (GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024,
+                            vocab_size=50257, bias=True), "default", 10),
+}
+# torch's variants, named as bench.common.optimizer_for names them
+TORCH_VARIANTS = ("adamw_foreach", "adamw_fused", "torch_adafactor_foreach")
+CANDIDATES = tuple(OPTIMIZER_NAMES) + TORCH_VARIANTS
+HPARAMS = dict(lr=1e-3, weight_decay=0.1)
+# float32 accesses per element a step must make: reads and writes of param, grad and state
+ACCESSES = {
+    "adamw": 7, "adamw_foreach": 7, "adamw_fused": 7,  # p, g, m, v read; p, m, v written
+    "adamsn": 5,  # p, g, m read; p, m written (v is one value per row)
+    "adamsnsm": 3, "adafactor": 3, "torch_adafactor": 3, "torch_adafactor_foreach": 3,  # p, g read; p written
+}
+PER_ELEMENT_ACCESSES = {"adamsn": 7, "adamsnsm": 7, "adafactor": 5, "torch_adafactor": 5,
+                        "torch_adafactor_foreach": 5}  # params without the method's reduction
+BATCH_SIZE, BLOCK = 12, 64
+KV_HEADS = (4, 2, 1)
+
+
+def suite_config(profile: str) -> dict:
+    return {"models": {k: vars(v[0]) for k, v in MODELS.items()},
+            "rounds": {k: v[2] for k, v in MODELS.items()}, "hparams": HPARAMS,
+            "accesses_per_element": ACCESSES, "per_element_accesses": PER_ELEMENT_ACCESSES,
+            "train_iteration": {"model": "baby", "batch_size": BATCH_SIZE, "block_size": BLOCK,
+                                "n_kv_heads": list(KV_HEADS)}}
+
+
+def build(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizers as training builds them; torch's variants with the AdamW grouping."""
+    if name in OPTIMIZER_NAMES:
+        return build_optimizer(name, model, **HPARAMS)
+    groups = [{"params": ps, "weight_decay": HPARAMS["weight_decay"] if key != "no_decay" else 0.0}
+              for key, ps in param_groups(model, HPARAMS["weight_decay"]).items() if ps]
+    return optimizer_for(name, groups, lr=HPARAMS["lr"])
+
+
+def floor_bytes(name: str, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes the step must move: the method's accesses on the params it reduces over."""
+    total = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            reduced = {
+                "adamsn": group.get("subset_norm", False), "adamsnsm": group.get("subset_norm", False),
+                "adafactor": group.get("factored", False) and p.dim() >= 2,
+                "torch_adafactor": p.dim() >= 2, "torch_adafactor_foreach": p.dim() >= 2,
+            }.get(name, True)
+            accesses = ACCESSES[name] if reduced else PER_ELEMENT_ACCESSES[name]
+            total += accesses * p.numel() * p.element_size()
+    return total
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def timed_model(request, device, profile):
+    model_name = request.param
+    config, needed, rounds = MODELS[model_name]
+    require_profile(profile, needed)
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizers = {name: build(name, model) for name in CANDIDATES}
+    params = [p for p in model.parameters()]
+    grads = [p.grad for p in params]
+    candidates = {name: opt.step for name, opt in optimizers.items()}
+
+    @torch.no_grad()
+    def inplace_add():
+        torch._foreach_add_(params, grads, alpha=1e-12)
+
+    candidates["inplace_add"] = inplace_add
+    medians = interleaved_medians(candidates, rounds, device)
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    bandwidth = 3 * param_bytes / medians["inplace_add"]  # read p, read g, write p
+    yield dict(name=model_name, model=model, optimizers=optimizers, medians=medians,
+               bandwidth=bandwidth, n_params=sum(p.numel() for p in params), rounds=rounds)
+    optimizers.clear()
+
+
+@pytest.mark.benchmark(group="optimizer step")
+@pytest.mark.parametrize("name", CANDIDATES)
+def test_step_time(benchmark, record, device, timed_model, name):
+    optimizer = timed_model["optimizers"][name]
+    medians = timed_model["medians"]
+    peak, peak_method = peak_allocated_bytes(optimizer.step, device)
+    benchmark.pedantic(synchronized(optimizer.step, device), rounds=3, warmup_rounds=0)
+    floor = floor_bytes(name, optimizer)
+    record(model=timed_model["name"], optimizer=name, n_params=timed_model["n_params"],
+           interleaved_median_s=medians[name], interleaved_rounds=timed_model["rounds"],
+           ratio_to_adamw_fused=medians[name] / medians["adamw_fused"],
+           ratio_to_adamw_foreach=medians[name] / medians["adamw_foreach"],
+           ratio_to_torch_adafactor_foreach=medians[name] / medians["torch_adafactor_foreach"],
+           ratio_to_torch_adafactor=medians[name] / medians["torch_adafactor"],
+           inplace_add_s=medians["inplace_add"], bandwidth_bytes_per_s=timed_model["bandwidth"],
+           floor_bytes=floor, fraction_of_floor=floor / timed_model["bandwidth"] / medians[name],
+           step_peak_bytes=peak, step_peak_method=peak_method)
+
+
+@pytest.mark.benchmark(group="train iteration (baby)")
+@pytest.mark.parametrize("n_kv_head", KV_HEADS, ids=lambda k: f"kv{k}")
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_train_iteration(benchmark, record, device, profile, name, n_kv_head):
+    require_profile(profile, "quick" if n_kv_head == 4 or name == "adamw" else "default")
+    config, _, _ = MODELS["baby"]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**vars(config), "n_kv_head": n_kv_head})).to(device)
+    optimizer = build_optimizer(name, model, **HPARAMS)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(config.vocab_size, (BATCH_SIZE, BLOCK), generator=generator).to(device)
+    y = torch.randint(config.vocab_size, (BATCH_SIZE, BLOCK), generator=generator).to(device)
+
+    def iteration():
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    iteration()  # creates the optimizer state
+    peak, peak_method = peak_allocated_bytes(iteration, device)
+    benchmark(synchronized(iteration, device))
+    record(model="baby", optimizer=name, n_kv_head=n_kv_head, batch_size=BATCH_SIZE,
+           block_size=BLOCK, iteration_peak_bytes=peak, iteration_peak_method=peak_method)
+
+
+def summarize(rows: list[dict]) -> dict:
+    steps = [r for r in rows if r["test"].startswith("test_step_time")]
+    return {
+        model: {r["optimizer"]: {k: r[k] for k in ("ratio_to_adamw_fused", "ratio_to_adamw_foreach",
+                                                    "ratio_to_torch_adafactor_foreach",
+                                                    "fraction_of_floor", "interleaved_median_s")}
+                for r in steps if r["model"] == model}
+        for model in sorted({r["model"] for r in steps})
+    }

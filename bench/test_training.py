@@ -1,0 +1,100 @@
+"""Final loss on Tiny Shakespeare: nanoGPT's baby config trained with each optimizer.
+
+Every run is ``memeff.train.train`` with the baby config and one row of
+:data:`HPARAMS`; runs differ only in optimizer, its learning rate and weight decay, and
+(for the GQA and MQA rows) ``n_kv_head``. Each seed is one row; the summary gives the mean
+and spread (max - min) over seeds.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from bench.common import require_profile
+from memeff.train import TrainConfig, train
+
+# Peak lr and weight decay per optimizer; the schedule (100 warmup iterations, cosine to
+# lr/10) and everything else is nanoGPT's baby config.
+# Where each value comes from: a one-seed trial with nanoGPT's own train.py on this
+# project's CPU, 2000 iterations (issue "Reproduce and beat the published loss table"):
+# AdamW was best at 3e-3 (val 1.761; 1.886 at nanoGPT's default 1e-3); AdamSN at 3e-2
+# with weight decay 0.01 (1.772); torch's Adafactor at 3e-2 to 1e-1 without weight
+# decay (1.772 / 1.767). Our Adafactor follows torch's update, so it starts from torch's
+# value; subspace momentum starts from AdamSN's. A sweep on this suite's own runs will
+# replace these values.
+HPARAMS = {
+    "adamw": dict(learning_rate=3e-3, weight_decay=0.1),
+    "adamsn": dict(learning_rate=3e-2, weight_decay=0.01),
+    "adamsnsm": dict(learning_rate=3e-2, weight_decay=0.01),
+    "adafactor": dict(learning_rate=3e-2, weight_decay=0.0),
+    "torch_adafactor": dict(learning_rate=3e-2, weight_decay=0.0),
+}
+# label: (optimizer, n_kv_head, dataset, first profile that runs it)
+RUNS = {
+    "adamw": ("adamw", None, "char", "quick"),
+    "adamsn": ("adamsn", None, "char", "quick"),
+    "adamsnsm": ("adamsnsm", None, "char", "quick"),
+    "adafactor": ("adafactor", None, "char", "quick"),
+    "torch_adafactor": ("torch_adafactor", None, "char", "quick"),
+    "adamw-gqa2": ("adamw", 2, "char", "quick"),
+    "adamw-mqa1": ("adamw", 1, "char", "quick"),
+    "adamw-bpe": ("adamw", None, "bpe", "full"),
+    "adamsn-bpe": ("adamsn", None, "bpe", "full"),
+    "adafactor-bpe": ("adafactor", None, "bpe", "full"),
+}
+ITERATIONS = {"quick": (200, 100), "default": (2000, 250), "full": (2000, 250)}  # iters, eval every
+
+
+def suite_config(profile: str) -> dict:
+    max_iters, eval_interval = ITERATIONS[profile]
+    return {"base": {k: v for k, v in vars(TrainConfig()).items()
+                     if k not in ("out_dir", "resume", "seed", "optimizer_hparams")},
+            "max_iters": max_iters, "eval_interval": eval_interval,
+            "hparams": HPARAMS, "runs": {k: list(v[:3]) for k, v in RUNS.items()}}
+
+
+@pytest.mark.benchmark(group="training")
+@pytest.mark.parametrize("label", list(RUNS))
+def test_training(benchmark, record, device, profile, seeds, label):
+    name, n_kv_head, dataset, needed = RUNS[label]
+    require_profile(profile, needed)
+    max_iters, eval_interval = ITERATIONS[profile]
+    results = []
+
+    def run_all_seeds():
+        for seed in seeds:
+            cfg = TrainConfig(optimizer=name, n_kv_head=n_kv_head, dataset=dataset, seed=seed,
+                              max_iters=max_iters, eval_interval=eval_interval,
+                              log_interval=max_iters, device=device.type, **HPARAMS[name])
+            results.append(train(cfg))
+
+    benchmark.pedantic(run_all_seeds, rounds=1, iterations=1)
+    for seed, result in zip(seeds, results):
+        assert result.final_val_loss < result.evals[0]["val_loss"], "training did not learn"
+        record(label=label, optimizer=name, n_kv_head=n_kv_head or 4, dataset=dataset, seed=seed,
+               max_iters=max_iters, learning_rate=HPARAMS[name]["learning_rate"],
+               weight_decay=HPARAMS[name]["weight_decay"], evals=result.evals,
+               final_train_loss=result.final_train_loss, final_val_loss=result.final_val_loss,
+               median_ms_per_iter=result.median_ms_per_iter, tokens_per_s=result.tokens_per_s,
+               optimizer_state_bytes=result.optimizer_state_bytes, n_params=result.n_params,
+               median_s=None, rounds=None)
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+            "spread": max(values) - min(values), "n": len(values)}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean and spread over seeds per run."""
+    summary = {}
+    for label in dict.fromkeys(r["label"] for r in rows):
+        runs = [r for r in rows if r["label"] == label]
+        summary[label] = {
+            key: spread([r[key] for r in runs])
+            for key in ("final_train_loss", "final_val_loss", "median_ms_per_iter", "tokens_per_s")
+        }
+        summary[label]["optimizer_state_bytes"] = runs[0]["optimizer_state_bytes"]
+    return summary

@@ -1,0 +1,62 @@
+"""The bench suite's results files: written when a run completes, never half-written,
+and a quick run never replaces a published full-profile file."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from memeff.results import read_results
+
+REPO = Path(__file__).resolve().parents[1]
+INTERRUPT_PLUGIN = '''
+import pytest
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+    if "falcon" in item.name:
+        raise KeyboardInterrupt
+'''
+
+
+def run_bench(results_dir: Path, *extra: str, env=None):
+    command = [sys.executable, "-m", "pytest", "bench/test_kv_cache.py", "-k", "model_shape",
+               "--benchmark-only", "--benchmark-disable-gc", "--profile", "quick",
+               "--results-dir", str(results_dir), "-q", "-p", "no:cacheprovider", *extra]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def test_bench_writes_results_then_protects_published_ones(tmp_path):
+    result = run_bench(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    written = read_results(tmp_path / "kv_cache.json")
+    assert written["profile"] == "quick"
+    assert {r["model"] for r in written["rows"]} >= {"llama-2-70b (GQA 64/8)"}
+    llama = next(r for r in written["rows"] if r["model"].startswith("llama"))
+    assert llama["bytes_per_token"] == 327_680
+
+    # pretend the file is a published full run: a quick run must write beside it
+    published = dict(written, profile="full")
+    (tmp_path / "kv_cache.json").write_text(json.dumps(published))
+    before = (tmp_path / "kv_cache.json").read_bytes()
+    result = run_bench(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "kv_cache.json").read_bytes() == before
+    assert read_results(tmp_path / "kv_cache.quick.json")["profile"] == "quick"
+
+
+def test_interrupted_bench_leaves_previous_results(tmp_path):
+    plugin_dir = tmp_path / "plugin"
+    plugin_dir.mkdir()
+    (plugin_dir / "interrupt_plugin.py").write_text(INTERRUPT_PLUGIN)
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "kv_cache.json").write_text('{"previous": true}')
+    env = {**os.environ, "PYTHONPATH": str(plugin_dir)}
+    result = run_bench(results, "-p", "interrupt_plugin", env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no results written" in result.stdout
+    assert sorted(p.name for p in results.iterdir()) == ["kv_cache.json"]
+    assert json.loads((results / "kv_cache.json").read_text()) == {"previous": True}

@@ -1,0 +1,65 @@
+"""Results files: the schema every committed file must meet, and atomic writes."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from memeff.results import (atomic_write, read_results, results_document, validate_results,
+                            write_json)
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+COMMITTED = sorted(RESULTS.glob("*/*.json"))
+
+
+@pytest.mark.skipif(not COMMITTED, reason="no results committed yet")
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: str(p.relative_to(RESULTS)))
+def test_committed_results_meet_the_schema(path):
+    document = read_results(path)
+    assert document["suite"] == path.name.split(".")[0]
+    assert document["environment"]["device_type"] == path.parent.name
+
+
+def test_document_records_environment_and_validates():
+    document = results_document("kv_cache", "quick", "cpu", [1337], {"a": 1}, [{"x": 1}])
+    env = document["environment"]
+    for key in ("utc_time", "git_commit", "git_dirty", "python", "torch", "numpy", "cpu",
+                "torch_threads"):
+        assert key in env
+    validate_results(json.loads(json.dumps(document)))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.pop("rows"), "missing field 'rows'"),
+    (lambda d: d.update(schema_version=99), "schema_version"),
+    (lambda d: d.update(profile="huge"), "profile"),
+    (lambda d: d.update(rows={"x": 1}), "rows"),
+    (lambda d: d["environment"].pop("torch"), "torch"),
+    (lambda d: d.update(rows=[1]), "row 0"),
+])
+def test_bad_documents_are_rejected_with_the_reason(change, message):
+    document = results_document("kv_cache", "quick", "cpu", [1337], {}, [{"x": 1}])
+    change(document)
+    with pytest.raises(ValueError, match=message):
+        validate_results(document)
+
+
+def test_read_results_rejects_invalid_json(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"schema_version": 1,')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_results(path)
+
+
+def test_interrupted_write_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "suite.json"
+    write_json(path, {"old": True})
+
+    def fail_half_way(f):
+        f.write(b'{"new": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, fail_half_way)
+    assert json.loads(path.read_text()) == {"old": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["suite.json"]
