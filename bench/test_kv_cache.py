@@ -44,7 +44,23 @@ def suite_config(profile: str) -> dict:
             "timed": "attention of one layer over the cache"}
 
 
+def kv_grid(test):
+    """Parametrize ``test`` over n_head x n_kv_head divisor x seq_len x dtype."""
+    for axis in (
+        pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch.")),
+        pytest.mark.parametrize("seq_len", SEQ_LENS, ids=lambda t: f"T{t}"),
+        pytest.mark.parametrize("divisor", KV_DIVISORS,
+                                ids=lambda d: "mqa" if d is None else f"kv1-{d}"),
+        pytest.mark.parametrize("n_head", N_HEADS, ids=lambda h: f"H{h}"),
+    ):
+        test = axis(test)
+    return test
+
+
 def n_kv_head_of(n_head: int, divisor: int | None) -> int:
+    """n_kv_head for a grid point; skips the MQA point where it repeats n_head / 8 = 1."""
+    if divisor is None and n_head // 8 == 1:
+        pytest.skip("n_head/8 is already 1: the MQA row is the kv1-8 row")
     return 1 if divisor is None else n_head // divisor
 
 
@@ -76,15 +92,10 @@ def allocator_delta(make, device: torch.device):
 
 
 @pytest.mark.benchmark(group="kv-cache decode")
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("seq_len", SEQ_LENS, ids=lambda t: f"T{t}")
-@pytest.mark.parametrize("divisor", KV_DIVISORS, ids=lambda d: "mqa" if d is None else f"kv1-{d}")
-@pytest.mark.parametrize("n_head", N_HEADS, ids=lambda h: f"H{h}")
+@kv_grid
 def test_decode(benchmark, record, device, profile, n_head, divisor, seq_len, dtype):
     require_profile(profile, needed_profile(n_head, divisor, seq_len, dtype))
     n_kv_head = n_kv_head_of(n_head, divisor)
-    if divisor is None and n_head // 8 == 1:
-        pytest.skip("n_head/8 is already 1: the MQA row is the kv1-8 row")
     config = GPTConfig(n_layer=N_LAYER, n_head=n_head, n_kv_head=n_kv_head,
                        n_embd=n_head * HEAD_DIM, block_size=seq_len, vocab_size=1)
     cache, allocated = allocator_delta(lambda: filled_cache(config, seq_len, dtype, device), device)
@@ -106,18 +117,13 @@ def test_decode(benchmark, record, device, profile, n_head, divisor, seq_len, dt
 
 
 @pytest.mark.benchmark(group="kv-cache prefill")
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("seq_len", SEQ_LENS, ids=lambda t: f"T{t}")
-@pytest.mark.parametrize("divisor", KV_DIVISORS, ids=lambda d: "mqa" if d is None else f"kv1-{d}")
-@pytest.mark.parametrize("n_head", N_HEADS, ids=lambda h: f"H{h}")
+@kv_grid
 def test_prefill(benchmark, record, device, profile, n_head, divisor, seq_len, dtype):
     needed = needed_profile(n_head, divisor, seq_len, dtype)
     if device.type == "cpu" and (seq_len == 4096 or dtype == torch.bfloat16):
         needed = "full"  # seconds per call on a CPU
     require_profile(profile, needed)
     n_kv_head = n_kv_head_of(n_head, divisor)
-    if divisor is None and n_head // 8 == 1:
-        pytest.skip("n_head/8 is already 1: the MQA row is the kv1-8 row")
     q = torch.randn(BATCH_SIZE, n_head, seq_len, HEAD_DIM, dtype=dtype, device=device)
     k = torch.randn(BATCH_SIZE, n_kv_head, seq_len, HEAD_DIM, dtype=dtype, device=device)
     v = torch.randn_like(k)

@@ -83,20 +83,17 @@ def timed_model(request, device, profile):
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     optimizers = {name: build(name, model) for name in CANDIDATES}
-    params = [p for p in model.parameters()]
-    grads = [p.grad for p in params]
+    params = list(model.parameters())
+    n_params = sum(p.numel() for p in params)
     candidates = {name: opt.step for name, opt in optimizers.items()}
-
-    @torch.no_grad()
-    def inplace_add():
-        torch._foreach_add_(params, grads, alpha=1e-12)
-
-    candidates["inplace_add"] = inplace_add
+    # the bandwidth probe: one in-place add over contiguous buffers as large as the model
+    probe_target = torch.zeros(n_params, device=device)
+    probe_source = torch.ones(n_params, device=device)
+    candidates["inplace_add"] = lambda: probe_target.add_(probe_source, alpha=1e-12)
     medians = interleaved_medians(candidates, rounds, device)
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
-    bandwidth = 3 * param_bytes / medians["inplace_add"]  # read p, read g, write p
+    bandwidth = 3 * probe_target.nbytes / medians["inplace_add"]  # read both, write one
     yield dict(name=model_name, model=model, optimizers=optimizers, medians=medians,
-               bandwidth=bandwidth, n_params=sum(p.numel() for p in params), rounds=rounds)
+               bandwidth=bandwidth, n_params=n_params, rounds=rounds)
     optimizers.clear()
 
 
