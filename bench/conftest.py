@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memeff.results import PROFILES, read_results, results_document, write_json
+from memeff.results import PROFILES, environment, read_results, results_document, write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_SEED = 1337
@@ -59,6 +59,7 @@ class Recorder:
 
     def __init__(self, config):
         self.config = config
+        self.environment = environment(config.memeff_device)  # the code and machine at the start
         self.rows: dict[str, list[dict]] = {}
         self.modules: dict[str, object] = {}
         self.failed: set[str] = set()
@@ -82,7 +83,7 @@ class Recorder:
                 say(f"memeff: {suite} had failures, its results were not written")
                 continue
             module = self.modules[suite]
-            document = results_document(suite, profile, self.config.memeff_device, seeds,
+            document = results_document(suite, profile, self.environment, seeds,
                                         module.suite_config(profile), rows)
             if hasattr(module, "summarize"):
                 document["summary"] = module.summarize(rows)

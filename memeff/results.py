@@ -39,6 +39,10 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def git_state(repo: str | os.PathLike | None = None) -> dict[str, Any]:
     """The checked-out commit and whether tracked files differ from it (None outside git)."""
     cwd = Path(repo) if repo is not None else Path(__file__).resolve().parent
@@ -68,7 +72,7 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
 
     device = torch.device(device)
     env: dict[str, Any] = {
-        "utc_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "utc_time": _utc_now(),
         **{f"git_{k}": v for k, v in git_state().items()},
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -100,14 +104,18 @@ REQUIRED_ENVIRONMENT = ("utc_time", "git_commit", "git_dirty", "python", "torch"
                         "device_type", "cpu", "torch_threads")
 
 
-def results_document(suite: str, profile: str, device: str | torch.device, seeds: list[int],
+def results_document(suite: str, profile: str, env: dict[str, Any], seeds: list[int],
                      config: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """A results file's contents: the rows of one suite with everything needed to redo them."""
+    """A results file's contents: one suite's rows with everything needed to redo them.
+
+    ``env`` is :func:`environment` taken when the run started (so the commit and dirty
+    flag describe the code that ran); the finishing time is added here.
+    """
     document = {
         "schema_version": SCHEMA_VERSION,
         "suite": suite,
         "profile": profile,
-        "environment": environment(device),
+        "environment": {**env, "finished_utc_time": _utc_now()},
         "seeds": list(seeds),
         "config": config,
         "rows": rows,

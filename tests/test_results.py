@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from memeff.results import (atomic_write, read_results, results_document, validate_results,
-                            write_json)
+from memeff.results import (atomic_write, environment, read_results, results_document,
+                            validate_results, write_json)
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 COMMITTED = sorted(RESULTS.glob("*/*.json"))
@@ -21,9 +21,10 @@ def test_committed_results_meet_the_schema(path):
 
 
 def test_document_records_environment_and_validates():
-    document = results_document("kv_cache", "quick", "cpu", [1337], {"a": 1}, [{"x": 1}])
+    document = results_document("kv_cache", "quick", environment("cpu"), [1337], {"a": 1},
+                                [{"x": 1}])
     env = document["environment"]
-    for key in ("utc_time", "git_commit", "git_dirty", "python", "torch", "numpy", "cpu",
+    for key in ("utc_time", "finished_utc_time", "git_commit", "git_dirty", "python", "torch", "numpy", "cpu",
                 "torch_threads"):
         assert key in env
     validate_results(json.loads(json.dumps(document)))
@@ -38,7 +39,7 @@ def test_document_records_environment_and_validates():
     (lambda d: d.update(rows=[1]), "row 0"),
 ])
 def test_bad_documents_are_rejected_with_the_reason(change, message):
-    document = results_document("kv_cache", "quick", "cpu", [1337], {}, [{"x": 1}])
+    document = results_document("kv_cache", "quick", environment("cpu"), [1337], {}, [{"x": 1}])
     change(document)
     with pytest.raises(ValueError, match=message):
         validate_results(document)
