@@ -187,6 +187,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
     checkpoint_path = Path(cfg.out_dir) / CHECKPOINT_NAME if cfg.out_dir else None
     checkpoint = None
+    if checkpoint_path is not None and not cfg.resume and checkpoint_path.exists():
+        raise ValueError(f"{checkpoint_path} already exists; pass --resume to continue that run, "
+                         f"or choose another --out-dir")
     if cfg.resume:
         if not checkpoint_path.is_file():
             raise FileNotFoundError(f"cannot resume: no checkpoint at {checkpoint_path}")

@@ -82,6 +82,15 @@ def test_resume_with_another_configuration_is_refused(tmp_path):
                           resume=True, learning_rate=5e-3))
 
 
+def test_fresh_run_never_overwrites_a_checkpoint(tmp_path):
+    cfg = dict(TINY, max_iters=2, eval_interval=1, out_dir=str(tmp_path))
+    train(TrainConfig(**cfg))
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(ValueError, match="--resume"):
+        train(TrainConfig(**cfg, seed=5))
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(TrainConfig(**TINY, out_dir=str(tmp_path), resume=True))
