@@ -1,0 +1,31 @@
+"""The learning-rate sweep script: rows written as runs finish, finished runs never redone."""
+
+import pytest
+
+import bench.lr_sweep as lr_sweep
+from memeff.results import read_results
+
+
+def test_sweep_writes_each_run_and_resumes(tmp_path, monkeypatch):
+    out = tmp_path / "lr_sweep.json"
+    document = lr_sweep.sweep(["adamw"], out, max_iters=3, seed=1, lrs=[1e-3, 3e-3],
+                              weight_decays=[0.1])
+    assert [r["learning_rate"] for r in document["rows"]] == [1e-3, 3e-3]
+    written = read_results(out)
+    assert written["suite"] == "lr_sweep" and len(written["rows"]) == 2
+    best = written["summary"]["best"]["adamw"]
+    assert best["final_val_loss"] == min(r["final_val_loss"] for r in written["rows"])
+
+    def no_training(cfg):
+        raise AssertionError(f"run {cfg.learning_rate} was already in the file")
+
+    monkeypatch.setattr(lr_sweep, "train", no_training)
+    again = lr_sweep.sweep(["adamw"], out, max_iters=3, seed=1, lrs=[1e-3, 3e-3],
+                           weight_decays=[0.1])
+    assert again["rows"] == written["rows"]
+
+
+def test_unknown_optimizer_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        lr_sweep.main(["--optimizers", "sgd", "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
