@@ -8,10 +8,16 @@ from collections.abc import Iterator
 import torch
 from torch.optim import Optimizer
 
+from memeff.optim import kernels
+
 # Elements per chunk of the fused per-chunk loops: 4 MiB of float32, so one chunk of
 # each operand (param, grad, state, scratch) stays in a 32 MiB L3 cache between the
 # ops that touch it, while the Python overhead per chunk stays small next to its work.
 DEFAULT_CHUNK_SIZE = 2**20
+
+# "auto": the compiled CPU kernels where they apply and can be built, else eager;
+# "eager": PyTorch ops only; "compiled": as "auto", but a failed build raises.
+BACKENDS = ("auto", "eager", "compiled")
 
 
 def check_lr(lr: float) -> None:
@@ -104,16 +110,34 @@ class ChunkedOptimizer(Optimizer):
 
     Subclasses define ``NAME``, ``check_hparams(group)`` (raising ValueError),
     ``init_state(param, group)`` (filling an empty state dict) and
-    ``update(work, grad, state, group, t, scratch)`` (one step on contiguous tensors).
+    ``update(work, grad, state, group, t, scratch)`` (one step on contiguous tensors),
+    which may use ``compiled_kernels(work, grad)`` for a fused step.
     """
 
     NAME = "optimizer"
 
-    def __init__(self, params, defaults: dict, chunk_size: int):
+    def __init__(self, params, defaults: dict, chunk_size: int, backend: str = "auto"):
         check_positive_int(chunk_size, "chunk_size")
+        if backend not in BACKENDS:
+            raise ValueError(f"Invalid backend value: {backend!r} (must be one of "
+                             f"{', '.join(repr(b) for b in BACKENDS)})")
         self.check_hparams(defaults)
         self.chunk_size = chunk_size
+        self.backend = backend
         super().__init__(params, defaults)
+        if backend == "compiled":  # fail here, not in the middle of training
+            kernels.load(required=True)
+
+    def compiled_kernels(self, work: torch.Tensor, grad: torch.Tensor):
+        """The compiled kernels if this step of ``work`` may use them, else None.
+
+        They take contiguous float32 or float64 CPU tensors with a gradient of the same
+        dtype; anything else, and every tensor under ``backend="eager"``, stays eager.
+        """
+        if (self.backend == "eager" or work.device.type != "cpu" or work.numel() == 0
+                or work.dtype not in kernels.COMPILED_DTYPES or grad.dtype != work.dtype):
+            return None
+        return kernels.load(required=self.backend == "compiled")
 
     @staticmethod
     def check_hparams(group: dict) -> None:

@@ -75,7 +75,13 @@ class Adafactor(ChunkedOptimizer):
             tensor of the group (default: True)
         relative_step (bool, optional): False uses :math:`\rho_t = \gamma` (default: True)
         scale_parameter (bool, optional): False uses :math:`\alpha_t = \rho_t` (default: True)
-        chunk_size (int, optional): elements per chunk of the fused loop (default: 2**20)
+        chunk_size (int, optional): elements per chunk of the eager loop (default: 2**20)
+        backend (str, optional): ``"auto"`` steps factored float32 and float64 CPU
+            parameters with compiled C++ kernels, built at first use (see
+            :mod:`memeff.optim.kernels`), and everything else with PyTorch ops; if the
+            kernels cannot be built it warns once and uses PyTorch ops throughout.
+            ``"eager"``: PyTorch ops only. ``"compiled"``: as ``"auto"``, but raises
+            RuntimeError if the kernels cannot be built (default: "auto")
 
     State per parameter: ``step`` (float32 scalar); for a factored tensor of shape
     (..., n, m), ``row_var`` (..., n, 1) and ``col_var`` (..., 1, m); otherwise
@@ -86,7 +92,9 @@ class Adafactor(ChunkedOptimizer):
 
     What a step allocates: one scratch buffer of ``chunk_size`` elements per dtype and
     device, reused by every chunk of every parameter, and vectors of n or m values per
-    matrix. Non-contiguous parameters are updated in a contiguous copy.
+    matrix. Non-contiguous parameters are updated in a contiguous copy. The compiled
+    kernels allocate only vectors: m column scales, two m-vectors of column sums per
+    thread, and one value per matrix.
 
     .. note::
         :math:`\epsilon_1` is added to :math:`G^2` inside the statistics, as the paper
@@ -106,7 +114,10 @@ class Adafactor(ChunkedOptimizer):
         of rows are final once the chunk is seen, so :math:`\sum_{ij} G_{ij}^2 / (R_i C_j)`
         (hence RMS(U)) comes from column sums weighted by :math:`1/R_i`, gathered in the
         same pass as the column statistics. Column sums are matrix products, because a
-        reduction over dim -2 is very slow on CPU.
+        reduction over dim -2 is very slow on CPU. The compiled kernels do the same ops
+        in the same order in two passes, with RMS(X) gathered in the first: 5 reads and
+        writes per element (G, X; G, X, X), 7 with ``beta1``. Only the summation order
+        of the statistics differs from the eager path.
     """
 
     NAME = "Adafactor"
@@ -115,11 +126,11 @@ class Adafactor(ChunkedOptimizer):
                  eps: tuple[float, float] = (1e-30, 1e-3), d: float = 1.0,
                  weight_decay: float = 0.0, *, beta1: float | None = None,
                  factored: bool = True, relative_step: bool = True, scale_parameter: bool = True,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE):
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto"):
         defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay,
                         beta1=beta1, factored=factored, relative_step=relative_step,
                         scale_parameter=scale_parameter)
-        super().__init__(params, defaults, chunk_size)
+        super().__init__(params, defaults, chunk_size, backend)
 
     @staticmethod
     def check_hparams(group: dict) -> None:
@@ -153,18 +164,27 @@ class Adafactor(ChunkedOptimizer):
     def update(self, work, grad, state: dict, group: dict, t: float, scratch: Scratch) -> None:
         eps1, eps2 = group["eps"]
         rho = min(group["lr"], 1 / math.sqrt(t)) if group["relative_step"] else group["lr"]
+        step = _Step(beta2_weight=t ** group["beta2_decay"], eps1=eps1, d=group["d"],
+                     alpha=rho, decay=1 - group["lr"] * group["weight_decay"],
+                     beta1=group["beta1"])
+        compiled = self.compiled_kernels(work, grad) if "row_var" in state else None
+        if compiled is not None and all(
+                value.dtype == work.dtype and value.is_contiguous()
+                for key, value in state.items() if key != "step"):
+            _compiled_factored_update(compiled, work, grad, state, step, group, eps2)
+            return
         if group["scale_parameter"]:
             norm = torch.linalg.vector_norm(work, dtype=statistics_dtype(work.dtype)).item()
-            alpha = max(eps2, norm / math.sqrt(max(work.numel(), 1))) * rho
-        else:
-            alpha = rho
-        step = _Step(beta2_weight=t ** group["beta2_decay"], eps1=eps1, d=group["d"],
-                     alpha=alpha, decay=1 - group["lr"] * group["weight_decay"],
-                     beta1=group["beta1"])
+            step.alpha = _parameter_scale(norm, work.numel(), eps2) * rho
         if "row_var" in state:
             _factored_update(work, grad, state, step, scratch)
         else:
             _unfactored_update(work, grad, state, step, scratch)
+
+
+def _parameter_scale(norm: float, numel: int, eps2: float) -> float:
+    """max(eps2, RMS(X)) from the norm of X."""
+    return max(eps2, norm / math.sqrt(max(numel, 1)))
 
 
 class _Step:
@@ -264,6 +284,27 @@ def _factored_update(work, grad, state, step: _Step, scratch: Scratch) -> None:
             u = scratch.get(g_c.numel(), g_c, dtype=stat).view(g_c.shape)
             torch.mul(g_c, scale_cols, out=u)
             _apply(w[start:stop], u, exp_avg_c, scale_rows, step, clip)
+
+
+def _compiled_factored_update(compiled, work, grad, state, step: _Step, group: dict,
+                              eps2: float) -> None:
+    """``_factored_update`` (and the parameter scale) in the compiled kernels' two passes.
+
+    Pass 1 reads G (and X, for RMS(X_{t-1})) once; pass 2 reads G and X and writes X.
+    """
+    n, m = work.shape[-2:]
+    row_means = torch.empty(work.numel() // (n * m), dtype=work.dtype)  # mean(R) per matrix
+    sum_u_squared, sum_param_squared = compiled.adafactor_factored_statistics(
+        grad, work, state["row_var"], state["col_var"], row_means, step.beta2_weight,
+        step.eps1, group["scale_parameter"])
+    if group["scale_parameter"]:
+        step.alpha *= _parameter_scale(math.sqrt(sum_param_squared), work.numel(), eps2)
+    exp_avg = state.get("exp_avg")
+    compiled.adafactor_factored_apply(
+        work, grad, state["row_var"], state["col_var"], row_means,
+        row_means if exp_avg is None else exp_avg, exp_avg is not None,
+        0.0 if step.beta1 is None else step.beta1, step.decay, step.alpha,
+        step.clip_scale(sum_u_squared, work.numel()))
 
 
 def _unfactored_update(work, grad, state, step: _Step, scratch: Scratch) -> None:
