@@ -1,0 +1,207 @@
+"""The compiled CPU kernels (memeff/optim/kernels.cpp) against the eager path they replace.
+
+The first run in a fresh environment compiles the kernels (about a minute); later runs
+load them from torch's extension cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from memeff.optim import AdamSN, Adafactor, kernels
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_kernels():
+    module = kernels.load(required=False)
+    if module is None:
+        pytest.skip(f"the C++ optimizer kernels cannot be built here ({kernels.build_error()}); "
+                    f"install a C++ compiler and ninja to run these tests")
+    return module
+
+
+class _CallCounter:
+    """Stands in for the kernels module and counts the calls into it."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, 0
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls += 1
+            return getattr(self.module, name)(*args)
+        return call
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch, compiled_kernels):
+    counter = _CallCounter(compiled_kernels)
+    monkeypatch.setattr(kernels, "load", lambda required=False: counter)
+    return counter
+
+
+def _grads(shape, dtype, steps=STEPS, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(shape, generator=gen, dtype=dtype) for _ in range(steps)]
+    grads[3] = grads[3] * 100.0  # makes Adafactor's update clipping act at least once
+    return grads
+
+
+def _run(make_optimizer, w0, grads) -> torch.Tensor:
+    p = torch.nn.Parameter(w0.clone())
+    opt = make_optimizer([p])
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    return p.detach()
+
+
+def _rel_error(ours, ref, w0) -> float:
+    """Error relative to the reference's total movement, as in test_optim_reference.py."""
+    return ((ours.double() - ref.double()).norm() / (ref.double() - w0.double()).norm()).item()
+
+
+# rows (n > m), columns (n < m), 3-D seen as (first dim, rest) both ways, and shapes large
+# enough to be split over threads, with row lengths that are not a multiple of the lanes
+ADAMSN_SHAPES = [(40, 9), (9, 40), (3, 5, 4), (30, 2, 3), (300, 257), (257, 300)]
+ADAMSN_CASES = {
+    "decay": dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1),
+    "no_decay": dict(lr=3e-2, betas=(0.9, 0.999)),
+    "large_momentum_weight": dict(lr=1e-2, betas=(0.3, 0.9), weight_decay=0.1),  # lerp's other form
+}
+ADAFACTOR_SHAPES = [(40, 9), (9, 40), (3, 10, 6), (300, 257), (2, 257, 300)]
+ADAFACTOR_CASES = {
+    "default": dict(lr=1e-2),
+    "beta1_decay": dict(lr=1e-2, beta1=0.9, weight_decay=0.1),
+    "large_momentum_weight": dict(lr=1e-2, beta1=0.3),
+    "no_scaling": dict(lr=1e-2, relative_step=False, scale_parameter=False, weight_decay=0.1),
+}
+
+
+def _compare(make, shape, dtype, kernel_calls):
+    """(compiled, eager, w0, grads) after STEPS steps of each backend."""
+    w0 = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    grads = _grads(shape, dtype)
+    compiled = _run(lambda ps: make(ps, "compiled"), w0, grads)
+    assert kernel_calls.calls >= STEPS  # the kernels ran, not the eager fallback
+    eager = _run(lambda ps: make(ps, "eager"), w0, grads)
+    return compiled, eager, w0, grads
+
+
+@pytest.mark.parametrize("shape", ADAMSN_SHAPES, ids=str)
+@pytest.mark.parametrize("case", list(ADAMSN_CASES))
+def test_adamsn_compiled_equals_eager_float64(shape, case, kernel_calls):
+    def make(ps, backend):
+        return AdamSN(ps, backend=backend, **ADAMSN_CASES[case])
+    compiled, eager, w0, _ = _compare(make, shape, torch.float64, kernel_calls)
+    assert _rel_error(compiled, eager, w0) <= 1e-12
+
+
+@pytest.mark.parametrize("shape", ADAFACTOR_SHAPES, ids=str)
+@pytest.mark.parametrize("case", list(ADAFACTOR_CASES))
+def test_adafactor_compiled_equals_eager_float64(shape, case, kernel_calls):
+    def make(ps, backend):
+        return Adafactor(ps, backend=backend, **ADAFACTOR_CASES[case])
+    compiled, eager, w0, _ = _compare(make, shape, torch.float64, kernel_calls)
+    assert _rel_error(compiled, eager, w0) <= 1e-12
+
+
+@pytest.mark.parametrize("shape", [(300, 257), (257, 300), (3, 5, 4)], ids=str)
+@pytest.mark.parametrize("make", [
+    lambda ps, backend: AdamSN(ps, lr=1e-2, weight_decay=0.1, backend=backend),
+    lambda ps, backend: Adafactor(ps, lr=1e-2, weight_decay=0.1, backend=backend),
+    lambda ps, backend: Adafactor(ps, lr=1e-2, beta1=0.9, backend=backend),
+], ids=["adamsn", "adafactor", "adafactor_beta1"])
+def test_compiled_equals_eager_float32(shape, make, kernel_calls):
+    compiled, eager, w0, grads = _compare(make, shape, torch.float32, kernel_calls)
+    # relative to the params: their movement is ~1% of them, and rounding W to float32
+    # alone then differs by ~1e-6 of the movement between any two orders of operations
+    assert ((compiled - eager).double().norm() / eager.double().norm()).item() <= 1e-6
+    # and the compiled path is as accurate as the eager one against a float64 run
+    exact = _run(lambda ps: make(ps, "eager"), w0.double(), [g.double() for g in grads])
+    assert _rel_error(compiled, exact, w0) <= 2 * _rel_error(eager, exact, w0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps, backend: AdamSN(ps, lr=1e-2, weight_decay=0.1, backend=backend),
+    lambda ps, backend: Adafactor(ps, lr=1e-2, beta1=0.9, weight_decay=0.1, backend=backend),
+], ids=["adamsn", "adafactor_beta1"])
+@pytest.mark.parametrize("first, second", [("compiled", "eager"), ("eager", "compiled")])
+def test_state_dict_round_trip_across_backends(make, first, second):
+    shapes = [(40, 9), (9, 40), (2, 6, 5), (7,)]
+    gen = torch.Generator().manual_seed(2)
+    w0 = [torch.randn(s, dtype=torch.float64, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, dtype=torch.float64, generator=gen) for s in shapes]
+             for _ in range(8)]
+
+    def run(params, opt, steps):
+        for step in steps:
+            for p, g in zip(params, grads[step]):
+                p.grad = g.clone()
+            opt.step()
+
+    uninterrupted = [torch.nn.Parameter(w.clone()) for w in w0]
+    run(uninterrupted, make(uninterrupted, first), range(8))
+    params = [torch.nn.Parameter(w.clone()) for w in w0]
+    opt = make(params, first)
+    run(params, opt, range(4))
+    saved = copy.deepcopy(opt.state_dict())
+    opt = make(params, second)
+    opt.load_state_dict(saved)
+    run(params, opt, range(4, 8))
+    for a, b, w in zip(params, uninterrupted, w0):
+        assert _rel_error(a.detach(), b.detach(), w) <= 1e-12
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: AdamSN(ps, subset_size=8, backend="compiled"),
+    lambda ps: AdamSN(ps, rank=2, gap=3, backend="compiled"),
+    lambda ps: Adafactor(ps, factored=False, backend="compiled"),
+], ids=["adamsn_int_subsets", "adamsnsm", "adafactor_unfactored"])
+def test_cases_the_kernels_do_not_cover_stay_eager(make, kernel_calls):
+    p = torch.nn.Parameter(torch.randn(16, 6))
+    opt = make([p])
+    p.grad = torch.randn(16, 6)
+    opt.step()
+    assert kernel_calls.calls == 0
+
+
+@pytest.mark.parametrize("cls", [AdamSN, Adafactor])
+def test_bfloat16_params_step_eagerly_under_the_compiled_backend(cls, kernel_calls):
+    p = torch.nn.Parameter(torch.randn(16, 6, dtype=torch.bfloat16))
+    opt = cls([p], lr=1e-2, backend="compiled")
+    p.grad = torch.randn(16, 6, dtype=torch.bfloat16)
+    opt.step()
+    assert kernel_calls.calls == 0
+    assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("cls", [AdamSN, Adafactor])
+def test_invalid_backend_raises_value_error(cls):
+    with pytest.raises(ValueError, match="Invalid backend value: 'fast'"):
+        cls([torch.nn.Parameter(torch.zeros(3, 2))], backend="fast")
+
+
+def test_failed_build_falls_back_with_one_warning_or_raises(tmp_path, monkeypatch, caplog):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(kernels, "SOURCE", broken)
+    monkeypatch.setattr(kernels, "NAME", "memeff_test_broken_kernels")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    p = torch.nn.Parameter(torch.randn(8, 3, dtype=torch.float64))
+    with caplog.at_level(logging.WARNING, logger="memeff.optim.kernels"):
+        opt = AdamSN([p], backend="auto")
+        for _ in range(2):
+            p.grad = torch.ones(8, 3, dtype=torch.float64)
+            opt.step()
+    assert torch.isfinite(p).all()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "eager" in warnings[0].getMessage()
+    with pytest.raises(RuntimeError, match="backend='compiled'.*could not be built"):
+        AdamSN([p], backend="compiled")
