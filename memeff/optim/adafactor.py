@@ -76,9 +76,9 @@ class Adafactor(ChunkedOptimizer):
         relative_step (bool, optional): False uses :math:`\rho_t = \gamma` (default: True)
         scale_parameter (bool, optional): False uses :math:`\alpha_t = \rho_t` (default: True)
         chunk_size (int, optional): elements per chunk of the eager loop (default: 2**20)
-        backend (str, optional): ``"auto"`` steps factored float32 and float64 CPU
-            parameters with compiled C++ kernels, built at first use (see
-            :mod:`memeff.optim.kernels`), and everything else with PyTorch ops; if the
+        backend (str, optional): ``"auto"`` steps float32 and float64 CPU parameters
+            with compiled C++ kernels, built at first use (see
+            :mod:`memeff.optim.kernels`), and other parameters with PyTorch ops; if the
             kernels cannot be built it warns once and uses PyTorch ops throughout.
             ``"eager"``: PyTorch ops only. ``"compiled"``: as ``"auto"``, but raises
             RuntimeError if the kernels cannot be built (default: "auto")
@@ -93,8 +93,8 @@ class Adafactor(ChunkedOptimizer):
     What a step allocates: one scratch buffer of ``chunk_size`` elements per dtype and
     device, reused by every chunk of every parameter, and vectors of n or m values per
     matrix. Non-contiguous parameters are updated in a contiguous copy. The compiled
-    kernels allocate only vectors: m column scales, two m-vectors of column sums per
-    thread, and one value per matrix.
+    kernels allocate only vectors: for a factored tensor m column scales, two m-vectors of
+    column sums per thread, and one value per matrix.
 
     .. note::
         :math:`\epsilon_1` is added to :math:`G^2` inside the statistics, as the paper
@@ -167,11 +167,11 @@ class Adafactor(ChunkedOptimizer):
         step = _Step(beta2_weight=t ** group["beta2_decay"], eps1=eps1, d=group["d"],
                      alpha=rho, decay=1 - group["lr"] * group["weight_decay"],
                      beta1=group["beta1"])
-        compiled = self.compiled_kernels(work, grad) if "row_var" in state else None
+        compiled = self.compiled_kernels(work, grad)
         if compiled is not None and all(
                 value.dtype == work.dtype and value.is_contiguous()
                 for key, value in state.items() if key != "step"):
-            _compiled_factored_update(compiled, work, grad, state, step, group, eps2)
+            _compiled_update(compiled, work, grad, state, step, group, eps2)
             return
         if group["scale_parameter"]:
             norm = torch.linalg.vector_norm(work, dtype=statistics_dtype(work.dtype)).item()
@@ -286,25 +286,31 @@ def _factored_update(work, grad, state, step: _Step, scratch: Scratch) -> None:
             _apply(w[start:stop], u, exp_avg_c, scale_rows, step, clip)
 
 
-def _compiled_factored_update(compiled, work, grad, state, step: _Step, group: dict,
-                              eps2: float) -> None:
-    """``_factored_update`` (and the parameter scale) in the compiled kernels' two passes.
+def _compiled_update(compiled, work, grad, state, step: _Step, group: dict, eps2: float) -> None:
+    """``_factored_update`` or ``_unfactored_update``, and the parameter scale, in the
+    compiled kernels' two passes.
 
     Pass 1 reads G (and X, for RMS(X_{t-1})) once; pass 2 reads G and X and writes X.
     """
-    n, m = work.shape[-2:]
-    row_means = torch.empty(work.numel() // (n * m), dtype=work.dtype)  # mean(R) per matrix
-    sum_u_squared, sum_param_squared = compiled.adafactor_factored_statistics(
-        grad, work, state["row_var"], state["col_var"], row_means, step.beta2_weight,
-        step.eps1, group["scale_parameter"])
+    exp_avg = state.get("exp_avg")
+    momentum = (exp_avg if exp_avg is not None else work, exp_avg is not None,
+                0.0 if step.beta1 is None else step.beta1)
+    if "row_var" in state:
+        n, m = work.shape[-2:]
+        row_means = torch.empty(work.numel() // (n * m), dtype=work.dtype)  # mean(R) per matrix
+        statistics = (state["row_var"], state["col_var"], row_means)
+        sum_u_squared, sum_param_squared = compiled.adafactor_factored_statistics(
+            grad, work, *statistics, step.beta2_weight, step.eps1, group["scale_parameter"])
+        apply = compiled.adafactor_factored_apply
+    else:
+        statistics = (state["variance"],)
+        sum_u_squared, sum_param_squared = compiled.adafactor_unfactored_statistics(
+            grad, work, *statistics, step.beta2_weight, step.eps1, group["scale_parameter"])
+        apply = compiled.adafactor_unfactored_apply
     if group["scale_parameter"]:
         step.alpha *= _parameter_scale(math.sqrt(sum_param_squared), work.numel(), eps2)
-    exp_avg = state.get("exp_avg")
-    compiled.adafactor_factored_apply(
-        work, grad, state["row_var"], state["col_var"], row_means,
-        row_means if exp_avg is None else exp_avg, exp_avg is not None,
-        0.0 if step.beta1 is None else step.beta1, step.decay, step.alpha,
-        step.clip_scale(sum_u_squared, work.numel()))
+    apply(work, grad, *statistics, *momentum, step.decay, step.alpha,
+          step.clip_scale(sum_u_squared, work.numel()))
 
 
 def _unfactored_update(work, grad, state, step: _Step, scratch: Scratch) -> None:

@@ -130,9 +130,9 @@ class AdamSN(ChunkedOptimizer):
             full-size first moment (default: None)
         gap (int, optional): steps between projector refreshes (default: 200)
         chunk_size (int, optional): elements per chunk of the eager loop (default: 2**20)
-        backend (str, optional): ``"auto"`` steps float32 and float64 CPU parameters whose
-            subsets are rows or columns (``subset_size="auto"``, no subspace momentum) with
-            compiled C++ kernels, built at first use (see :mod:`memeff.optim.kernels`), and
+        backend (str, optional): ``"auto"`` steps float32 and float64 CPU parameters
+            without subspace momentum whose subsets are rows, columns (``subset_size="auto"``)
+            or single elements with compiled C++ kernels, built at first use (see :mod:`memeff.optim.kernels`), and
             everything else with PyTorch ops; if the kernels cannot be built it warns once
             and uses PyTorch ops throughout. ``"eager"``: PyTorch ops only. ``"compiled"``:
             as ``"auto"``, but raises RuntimeError if the kernels cannot be built
@@ -150,7 +150,7 @@ class AdamSN(ChunkedOptimizer):
     param-sized temporary each). Subspace momentum adds the low-rank products and one
     full-size numerator per parameter, and an SVD at each refresh. The compiled kernels
     allocate only vectors: m denominators and one m-vector of column sums per thread for
-    column subsets, nothing for row subsets.
+    column subsets, nothing for row or element subsets.
 
     .. note::
         On a projector refresh the momentum is not reset: it is carried into the new
@@ -210,13 +210,14 @@ class AdamSN(ChunkedOptimizer):
         bias_correction1 = 1 - beta1**t
         layout = _layout_of_state(work, state["exp_avg_sq"])
         compiled = self.compiled_kernels(work, grad)
-        if (compiled is not None and layout is not None and "projector" not in state
-                and group["subset_size"] == "auto"
+        if (compiled is not None and "projector" not in state
+                and (layout is None or group["subset_size"] == "auto")
                 and all(state[k].dtype == work.dtype and state[k].is_contiguous()
                         for k in ("exp_avg", "exp_avg_sq"))):
             # one fused sweep per row (or a column-sum pass and a sweep), same math
             compiled.adamsn_step(
-                work, grad, state["exp_avg"], state["exp_avg_sq"], layout[2], 1 - beta1, beta2,
+                work, grad, state["exp_avg"], state["exp_avg_sq"], layout is not None and layout[2],
+                1 - beta1, beta2,
                 group["lr"] / bias_correction1, math.sqrt(1 - beta2**t), group["eps"],
                 1 - group["lr"] * group["weight_decay"])
             return

@@ -49,6 +49,27 @@ T sum_of_squares(const T* x, int64_t length) {
   return total;
 }
 
+// A long sum in pieces, each summed in T and added up in double, so that its rounding
+// error does not grow with the length as one running sum in float32 would.
+template <typename T>
+double long_sum_of_squares(const T* x, int64_t length) {
+  constexpr int64_t kPiece = 1024;
+  double total = 0.0;
+  for (int64_t start = 0; start < length; start += kPiece) {
+    total += double(sum_of_squares(x + start, std::min(kPiece, length - start)));
+  }
+  return total;
+}
+
+// Asks for a row of `length` elements to be brought into cache while other work runs: a
+// core keeps few misses in flight on one stream, so fetching the rows of a later sweep
+// during an earlier one raises the bandwidth a core gets.
+template <typename T>
+inline void prefetch_row(const T* x, int64_t length) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t j = 0; j < length; j += kLine) __builtin_prefetch(x + j);
+}
+
 // Rows per task when rows are independent.
 int64_t rows_per_task(int64_t row_length) {
   return std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(1, row_length));
@@ -116,6 +137,8 @@ void adamsn_rows(T* w, const T* g, T* m, T* v, int64_t n, int64_t cols,
   at::parallel_for(0, n, rows_per_task(cols), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t offset = i * cols;
+      prefetch_row(w + offset, cols);  // read while G's row is summed
+      prefetch_row(m + offset, cols);
       const T denom = adamsn_denominator(v + i, sum_of_squares(g + offset, cols), s);
       adamsn_row_update(w + offset, g + offset, m + offset, &denom, false, cols, s);
     }
@@ -152,8 +175,25 @@ void adamsn_columns(T* w, const T* g, T* m, T* v, int64_t n, int64_t cols,
   });
 }
 
-// One AdamSN step of a parameter whose subsets are its rows or its columns (subset_size
-// "auto"), with a full-size first moment. The (n, m) view comes from exp_avg_sq's size.
+// One subset per element (AdamW's second moment): the eager _per_element_update, fused.
+template <typename T>
+void adamsn_elements(T* w, const T* g, T* m, T* v, int64_t numel, const AdamSNScalars<T>& s) {
+  at::parallel_for(0, numel, kMinTaskElements, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const T mj = lerp(m[j], g[j], s.momentum_weight);
+      m[j] = mj;
+      // v.mul_(beta2).addcmul_(g, g, value=1 - beta2); sqrt(v).div_(bc2_sqrt).add_(eps)
+      const T vj = v[j] * s.beta2 + s.one_minus_beta2 * g[j] * g[j];
+      v[j] = vj;
+      const T denom = std::sqrt(vj) / s.bias_correction2_sqrt + s.eps;
+      w[j] = w[j] * s.decay + s.neg_step_size * mj / denom;
+    }
+  });
+}
+
+// One AdamSN step with a full-size first moment, whose subsets are the param's elements
+// (exp_avg_sq has the param's size), its rows or its columns (subset_size "auto"). The
+// (n, m) view comes from exp_avg_sq's size.
 void adamsn_step(at::Tensor param, at::Tensor grad, at::Tensor exp_avg, at::Tensor exp_avg_sq,
                  bool along_columns, double momentum_weight, double beta2, double step_size,
                  double bias_correction2_sqrt, double eps, double decay) {
@@ -165,6 +205,7 @@ void adamsn_step(at::Tensor param, at::Tensor grad, at::Tensor exp_avg, at::Tens
   TORCH_CHECK(grad.numel() == numel && exp_avg.numel() == numel, "grad and exp_avg must match param");
   const int64_t subsets = exp_avg_sq.numel();
   TORCH_CHECK(subsets > 0 && numel % subsets == 0, "exp_avg_sq's size must divide param's");
+  const bool per_element = subsets == numel;
   const int64_t n = along_columns ? numel / subsets : subsets;
   const int64_t cols = along_columns ? subsets : numel / subsets;
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "memeff_adamsn_step", [&] {
@@ -175,7 +216,9 @@ void adamsn_step(at::Tensor param, at::Tensor grad, at::Tensor exp_avg, at::Tens
     const auto* g = grad.data_ptr<scalar_t>();
     auto* m = exp_avg.data_ptr<scalar_t>();
     auto* v = exp_avg_sq.data_ptr<scalar_t>();
-    if (along_columns) {
+    if (per_element) {
+      adamsn_elements(w, g, m, v, numel, s);
+    } else if (along_columns) {
       adamsn_columns(w, g, m, v, n, cols, s);
     } else {
       adamsn_rows(w, g, m, v, n, cols, s);
@@ -206,6 +249,7 @@ std::pair<double, double> adafactor_matrix_statistics(const T* g, const T* w, T*
       double param_squares = 0.0;
       for (int64_t i = block_start(b, blocks, n); i < block_start(b + 1, blocks, n); ++i) {
         const T* gi = g + i * cols;
+        if (param_norm) prefetch_row(w + i * cols, cols);  // summed after this sweep
         T lanes[kLanes] = {};
         int64_t j = 0;
         for (; j + kLanes <= cols; j += kLanes) {
@@ -345,6 +389,82 @@ void adafactor_factored_apply(at::Tensor param, at::Tensor grad, at::Tensor row_
   });
 }
 
+// ---- Adafactor, per-element second moment -----------------------------------------------
+
+// Pass 1 of an unfactored step: V <- lerp(V, G^2, w2) + w2 * eps1. Returns
+// [sum of G^2 / V, sum of W^2 (0 unless param_norm)].
+std::vector<double> adafactor_unfactored_statistics(at::Tensor grad, at::Tensor param,
+                                                    at::Tensor variance, double beta2_weight,
+                                                    double eps1, bool param_norm) {
+  check_tensor(param, param, "param");
+  check_tensor(grad, param, "grad");
+  check_tensor(variance, param, "variance");
+  const int64_t numel = param.numel();
+  TORCH_CHECK(grad.numel() == numel && variance.numel() == numel, "sizes must match the param");
+  double sum_u_squared = 0.0, sum_param_squared = 0.0;
+  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "memeff_adafactor_unfactored_statistics", [&] {
+    using T = scalar_t;
+    const T* g = grad.data_ptr<T>();
+    const T* w = param.data_ptr<T>();
+    T* v = variance.data_ptr<T>();
+    const T weight = T(beta2_weight), floor = T(beta2_weight * eps1);
+    const int64_t blocks = row_blocks(numel, 1);
+    std::vector<double> partial(2 * blocks, 0.0);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t start = block_start(b, blocks, numel), stop = block_start(b + 1, blocks, numel);
+        double u_squared = 0.0;
+        for (int64_t j = start; j < stop; ++j) {
+          const T square = g[j] * g[j];
+          const T vj = lerp(v[j], square, weight) + floor;  // lerp_(squares, w2).add_(w2 * eps1)
+          v[j] = vj;
+          u_squared += double(square / vj);
+        }
+        partial[2 * b] = u_squared;
+        if (param_norm) partial[2 * b + 1] = long_sum_of_squares(w + start, stop - start);
+      }
+    });
+    for (int64_t b = 0; b < blocks; ++b) {
+      sum_u_squared += partial[2 * b];
+      sum_param_squared += partial[2 * b + 1];
+    }
+  });
+  return {sum_u_squared, sum_param_squared};
+}
+
+// Pass 2 of an unfactored step: U = rsqrt(V) * G, then as adafactor_factored_apply.
+void adafactor_unfactored_apply(at::Tensor param, at::Tensor grad, at::Tensor variance,
+                                at::Tensor exp_avg, bool use_momentum, double beta1,
+                                double decay, double alpha, double clip) {
+  check_tensor(param, param, "param");
+  check_tensor(grad, param, "grad");
+  check_tensor(variance, param, "variance");
+  if (use_momentum) check_tensor(exp_avg, param, "exp_avg");
+  const int64_t numel = param.numel();
+  TORCH_CHECK(!use_momentum || exp_avg.numel() == numel, "exp_avg must match param");
+  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "memeff_adafactor_unfactored_apply", [&] {
+    using T = scalar_t;
+    T* w = param.data_ptr<T>();
+    const T* g = grad.data_ptr<T>();
+    const T* v = variance.data_ptr<T>();
+    T* m = use_momentum ? exp_avg.data_ptr<T>() : nullptr;
+    const T t_decay = T(decay), t_clip = T(clip), neg_alpha = T(-alpha);
+    const T neg_alpha_clip = T(-alpha * clip), momentum_weight = T(1 - beta1);
+    at::parallel_for(0, numel, kMinTaskElements, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        const T u = T(1) / std::sqrt(v[j]) * g[j];
+        if (m == nullptr) {
+          w[j] = w[j] * t_decay + neg_alpha_clip * u;
+        } else {
+          const T mj = lerp(m[j], u * t_clip, momentum_weight);
+          m[j] = mj;
+          w[j] = w[j] * t_decay + neg_alpha * mj;
+        }
+      }
+    });
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -357,4 +477,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Pass 1 of a factored Adafactor step: row and column statistics, sum of U^2");
   module.def("adafactor_factored_apply", &adafactor_factored_apply, release_gil(),
              "Pass 2 of a factored Adafactor step: the update of W (and of M with beta1)");
+  module.def("adafactor_unfactored_statistics", &adafactor_unfactored_statistics, release_gil(),
+             "Pass 1 of an unfactored Adafactor step: the second moment, sum of U^2");
+  module.def("adafactor_unfactored_apply", &adafactor_unfactored_apply, release_gil(),
+             "Pass 2 of an unfactored Adafactor step");
 }
