@@ -5,6 +5,9 @@ parameters with the same fixed gradients, interleaved round by round so that mac
 noise hits all of them alike; it prints median times and ratios to AdamW fused.
 
     python bench/optim_step_probe.py [--rounds 7] [--only adamsn,adafactor]
+
+``adamsn`` and ``adafactor`` use the compiled kernels when they build (a first build
+happens in the untimed first round); the ``_eager`` variants use PyTorch ops only.
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ import time
 import torch
 
 from memeff import GPT, GPTConfig
-from memeff.optim import build_optimizer
+from memeff.optim import build_optimizer, kernels
 
 VARIANTS = {
     "adamw_fused": ("adamw", {"fused": True}),
     "adamw_foreach": ("adamw", {"foreach": True}),
-    "adamsn": ("adamsn", {}),
+    "adamsn": ("adamsn", {}),  # backend "auto": the compiled kernels where they build
+    "adamsn_eager": ("adamsn", {"backend": "eager"}),
     "adafactor": ("adafactor", {}),
+    "adafactor_eager": ("adafactor", {"backend": "eager"}),
     "torch_adafactor_forloop": ("torch_adafactor", {"foreach": False}),
     "torch_adafactor_foreach": ("torch_adafactor", {"foreach": True}),
 }
@@ -55,6 +60,9 @@ def main() -> None:
             elapsed = time.perf_counter() - start
             if round_ > 0:  # the first round creates the state
                 times[n].append(elapsed)
+    for n in names:  # a failed build falls back to eager: say so next to the numbers
+        if getattr(optimizers[n], "backend", None) == "auto" and kernels.load() is None:
+            print(f"{n}: compiled kernels unavailable, eager path ({kernels.build_error()})")
     n_params = sum(p.numel() for p in model.parameters())
     base = statistics.median(times["adamw_fused"])
     print(f"{n_params / 1e6:.1f}M params, {torch.get_num_threads()} threads, {args.rounds} rounds")
