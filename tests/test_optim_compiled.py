@@ -98,20 +98,17 @@ def _compare(make, shape, dtype, kernel_calls):
     return compiled, eager, w0, grads
 
 
-@pytest.mark.parametrize("shape", ADAMSN_SHAPES, ids=str)
-@pytest.mark.parametrize("case", list(ADAMSN_CASES))
-def test_adamsn_compiled_equals_eager_float64(shape, case, kernel_calls):
-    def make(ps, backend):
-        return AdamSN(ps, backend=backend, **ADAMSN_CASES[case])
-    compiled, eager, w0, _ = _compare(make, shape, torch.float64, kernel_calls)
-    assert _rel_error(compiled, eager, w0) <= 1e-12
+FLOAT64_CASES = [(AdamSN, shape, ADAMSN_CASES[case], f"adamsn-{case}-{shape}")
+                 for case in ADAMSN_CASES for shape in ADAMSN_SHAPES]
+FLOAT64_CASES += [(Adafactor, shape, ADAFACTOR_CASES[case], f"adafactor-{case}-{shape}")
+                  for case in ADAFACTOR_CASES for shape in ADAFACTOR_SHAPES]
 
 
-@pytest.mark.parametrize("shape", ADAFACTOR_SHAPES, ids=str)
-@pytest.mark.parametrize("case", list(ADAFACTOR_CASES))
-def test_adafactor_compiled_equals_eager_float64(shape, case, kernel_calls):
+@pytest.mark.parametrize("cls, shape, hparams", [c[:3] for c in FLOAT64_CASES],
+                         ids=[c[3] for c in FLOAT64_CASES])
+def test_compiled_equals_eager_float64(cls, shape, hparams, kernel_calls):
     def make(ps, backend):
-        return Adafactor(ps, backend=backend, **ADAFACTOR_CASES[case])
+        return cls(ps, backend=backend, **hparams)
     compiled, eager, w0, _ = _compare(make, shape, torch.float64, kernel_calls)
     assert _rel_error(compiled, eager, w0) <= 1e-12
 

@@ -96,6 +96,8 @@ void check_tensor(const at::Tensor& t, const at::Tensor& like, const char* name)
 
 // ---- AdamSN ----------------------------------------------------------------------------
 
+// Passed by value, so that the compiler knows that stores to the tensors leave them
+// unchanged (through a reference it must assume they may alias, and not vectorize).
 template <typename T>
 struct AdamSNScalars {
   T momentum_weight, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps, decay;
@@ -105,7 +107,7 @@ struct AdamSNScalars {
 //   w.mul_(decay); m.lerp_(g, momentum_weight); w.addcdiv_(m, denom, value=-step_size)
 template <typename T>
 inline void adamsn_row_update(T* w, const T* g, T* m, const T* denom, bool denom_per_element,
-                              int64_t length, const AdamSNScalars<T>& s) {
+                              int64_t length, const AdamSNScalars<T> s) {
   if (denom_per_element) {
     for (int64_t j = 0; j < length; ++j) {
       const T mj = lerp(m[j], g[j], s.momentum_weight);
@@ -123,7 +125,7 @@ inline void adamsn_row_update(T* w, const T* g, T* m, const T* denom, bool denom
 }
 
 template <typename T>
-inline T adamsn_denominator(T* v, T subset_sum, const AdamSNScalars<T>& s) {
+inline T adamsn_denominator(T* v, T subset_sum, const AdamSNScalars<T> s) {
   // v.mul_(beta2).add_(sums, alpha=1 - beta2); v.sqrt().div_(bc2_sqrt).add_(eps)
   const T updated = v[0] * s.beta2 + s.one_minus_beta2 * subset_sum;
   v[0] = updated;
@@ -133,7 +135,7 @@ inline T adamsn_denominator(T* v, T subset_sum, const AdamSNScalars<T>& s) {
 // Subsets are rows (v has shape (n, 1)): per row, sum G^2, update v, then one sweep.
 template <typename T>
 void adamsn_rows(T* w, const T* g, T* m, T* v, int64_t n, int64_t cols,
-                 const AdamSNScalars<T>& s) {
+                 const AdamSNScalars<T> s) {
   at::parallel_for(0, n, rows_per_task(cols), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t offset = i * cols;
@@ -149,7 +151,7 @@ void adamsn_rows(T* w, const T* g, T* m, T* v, int64_t n, int64_t cols,
 // partial vector per block of rows; pass 2 updates m and w row by row.
 template <typename T>
 void adamsn_columns(T* w, const T* g, T* m, T* v, int64_t n, int64_t cols,
-                    const AdamSNScalars<T>& s) {
+                    const AdamSNScalars<T> s) {
   const int64_t blocks = row_blocks(n, cols);
   std::vector<T> partial(blocks * cols, T(0));
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -177,7 +179,7 @@ void adamsn_columns(T* w, const T* g, T* m, T* v, int64_t n, int64_t cols,
 
 // One subset per element (AdamW's second moment): the eager _per_element_update, fused.
 template <typename T>
-void adamsn_elements(T* w, const T* g, T* m, T* v, int64_t numel, const AdamSNScalars<T>& s) {
+void adamsn_elements(T* w, const T* g, T* m, T* v, int64_t numel, const AdamSNScalars<T> s) {
   at::parallel_for(0, numel, kMinTaskElements, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const T mj = lerp(m[j], g[j], s.momentum_weight);

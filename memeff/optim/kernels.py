@@ -34,10 +34,20 @@ EXTRA_CFLAGS = ("-O3",)
 AVX2_CFLAGS = ("-mavx2", "-mfma")
 
 
+# at::parallel_for is a header template: in an OpenMP build of torch it runs in parallel
+# only in code compiled with -fopenmp (the libgomp it links is the one torch has loaded).
+OPENMP_FLAGS = ("-fopenmp",)
+
+
 def _cflags() -> list[str]:
+    flags = [*EXTRA_CFLAGS, *_ldflags()]
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        return [*EXTRA_CFLAGS, *AVX2_CFLAGS]
-    return list(EXTRA_CFLAGS)
+        flags += AVX2_CFLAGS
+    return flags
+
+
+def _ldflags() -> list[str]:
+    return list(OPENMP_FLAGS) if torch.backends.openmp.is_available() else []
 COMPILED_DTYPES = (torch.float32, torch.float64)  # others keep to the eager path
 
 
@@ -53,7 +63,8 @@ def _build(source: str, name: str) -> tuple[ModuleType | None, str | None]:
         from torch.utils import cpp_extension
 
         module = cpp_extension.load(name=name, sources=[source],
-                                    extra_cflags=_cflags(), verbose=False)
+                                    extra_cflags=_cflags(), extra_ldflags=_ldflags(),
+                                    verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed compile: all mean "eager"
         error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
         logger.warning("memeff: could not build the C++ optimizer kernels (%s); "
