@@ -33,10 +33,15 @@ HPARAMS = dict(lr=1e-3, weight_decay=0.1)
 ACCESSES = {
     "adamw": 7, "adamw_foreach": 7, "adamw_fused": 7,  # p, g, m, v read; p, m, v written
     "adamsn": 5,  # p, g, m read; p, m written (v is one value per row)
-    "adamsnsm": 3, "adafactor": 3, "torch_adafactor": 3, "torch_adafactor_foreach": 3,  # p, g read; p written
+    "adamsnsm": 3,  # p, g read; p written (the momentum is low-rank)
+    # Adafactor's row and column statistics need all of G, and its parameter scaling
+    # RMS(W), before any element is updated: G and W are read twice, W written once
+    "adafactor": 5, "torch_adafactor": 5, "torch_adafactor_foreach": 5,
 }
-PER_ELEMENT_ACCESSES = {"adamsn": 7, "adamsnsm": 7, "adafactor": 5, "torch_adafactor": 5,
-                        "torch_adafactor_foreach": 5}  # params without the method's reduction
+# params without the method's reduction: AdamW's 7; unfactored Adafactor reads G, V and W
+# in both passes and writes V and W once
+PER_ELEMENT_ACCESSES = {"adamsn": 7, "adamsnsm": 7, "adafactor": 8, "torch_adafactor": 8,
+                        "torch_adafactor_foreach": 8}
 BATCH_SIZE, BLOCK = 12, 64
 KV_HEADS = (4, 2, 1)
 
