@@ -11,6 +11,7 @@ import logging
 
 import pytest
 import torch
+from optim_helpers import rel_error, run_steps
 
 from memeff.optim import AdamSN, Adafactor, kernels
 
@@ -53,18 +54,6 @@ def _grads(shape, dtype, steps=STEPS, seed=0):
     return grads
 
 
-def _run(make_optimizer, w0, grads) -> torch.Tensor:
-    p = torch.nn.Parameter(w0.clone())
-    opt = make_optimizer([p])
-    for g in grads:
-        p.grad = g.clone()
-        opt.step()
-    return p.detach()
-
-
-def _rel_error(ours, ref, w0) -> float:
-    """Error relative to the reference's total movement, as in test_optim_reference.py."""
-    return ((ours.double() - ref.double()).norm() / (ref.double() - w0.double()).norm()).item()
 
 
 # rows (n > m), columns (n < m), 3-D seen as (first dim, rest) both ways, vectors (one
@@ -92,9 +81,9 @@ def _compare(make, shape, dtype, kernel_calls):
     """(compiled, eager, w0, grads) after STEPS steps of each backend."""
     w0 = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
     grads = _grads(shape, dtype)
-    compiled = _run(lambda ps: make(ps, "compiled"), w0, grads)
+    compiled = run_steps(lambda ps: make(ps, "compiled"), w0, grads)
     assert kernel_calls.calls >= STEPS  # the kernels ran, not the eager fallback
-    eager = _run(lambda ps: make(ps, "eager"), w0, grads)
+    eager = run_steps(lambda ps: make(ps, "eager"), w0, grads)
     return compiled, eager, w0, grads
 
 
@@ -110,7 +99,7 @@ def test_compiled_equals_eager_float64(cls, shape, hparams, kernel_calls):
     def make(ps, backend):
         return cls(ps, backend=backend, **hparams)
     compiled, eager, w0, _ = _compare(make, shape, torch.float64, kernel_calls)
-    assert _rel_error(compiled, eager, w0) <= 1e-12
+    assert rel_error(compiled, eager, w0) <= 1e-12
 
 
 @pytest.mark.parametrize("shape", [(300, 257), (257, 300), (3, 5, 4), (70001,)], ids=str)
@@ -125,8 +114,8 @@ def test_compiled_equals_eager_float32(shape, make, kernel_calls):
     # alone then differs by ~1e-6 of the movement between any two orders of operations
     assert ((compiled - eager).double().norm() / eager.double().norm()).item() <= 1e-6
     # and the compiled path is as accurate as the eager one against a float64 run
-    exact = _run(lambda ps: make(ps, "eager"), w0.double(), [g.double() for g in grads])
-    assert _rel_error(compiled, exact, w0) <= 2 * _rel_error(eager, exact, w0)
+    exact = run_steps(lambda ps: make(ps, "eager"), w0.double(), [g.double() for g in grads])
+    assert rel_error(compiled, exact, w0) <= 2 * rel_error(eager, exact, w0)
 
 
 @pytest.mark.parametrize("make", [
@@ -157,7 +146,7 @@ def test_state_dict_round_trip_across_backends(make, first, second):
     opt.load_state_dict(saved)
     run(params, opt, range(4, 8))
     for a, b, w in zip(params, uninterrupted, w0):
-        assert _rel_error(a.detach(), b.detach(), w) <= 1e-12
+        assert rel_error(a.detach(), b.detach(), w) <= 1e-12
 
 
 @pytest.mark.parametrize("make", [

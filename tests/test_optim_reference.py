@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from optim_helpers import rel_error, run_steps
 
 from memeff.optim import AdamSN, Adafactor
 
@@ -19,18 +20,6 @@ def _grads(shape, steps=STEPS, dtype=torch.float64, scale=1.0, seed=0):
     return [torch.randn(shape, generator=gen, dtype=dtype) * scale for _ in range(steps)]
 
 
-def _run(make_optimizer, w0: torch.Tensor, grads) -> torch.Tensor:
-    p = torch.nn.Parameter(w0.clone())
-    opt = make_optimizer([p])
-    for g in grads:
-        p.grad = g.clone()
-        opt.step()
-    return p.detach()
-
-
-def _rel_error(ours: torch.Tensor, ref: torch.Tensor, w0: torch.Tensor) -> float:
-    """Error relative to the reference's total movement (stricter than relative to W)."""
-    return ((ours.double() - ref.double()).norm() / (ref.double() - w0.double()).norm()).item()
 
 
 # ---- references, written from the docstring formulas, full-size and unchunked ----
@@ -130,9 +119,9 @@ def test_adamsn_matches_float64_reference(shape, case):
     hp = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, **ADAMSN_CASES[case])
     w0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     grads = _grads(shape)
-    ours = _run(lambda ps: AdamSN(ps, **hp), w0, grads)
+    ours = run_steps(lambda ps: AdamSN(ps, **hp), w0, grads)
     ref = reference_adamsn(w0, grads, **hp)
-    assert _rel_error(ours, ref, w0) <= 1e-10
+    assert rel_error(ours, ref, w0) <= 1e-10
 
 
 ADAFACTOR_CASES = {
@@ -152,9 +141,9 @@ def test_adafactor_matches_float64_reference(shape, case):
     # one large gradient makes update clipping act at least once
     grads = _grads(shape)
     grads[3] = grads[3] * 100.0
-    ours = _run(lambda ps: Adafactor(ps, **hp), w0, grads)
+    ours = run_steps(lambda ps: Adafactor(ps, **hp), w0, grads)
     ref = reference_adafactor(w0, grads, **hp)
-    assert _rel_error(ours, ref, w0) <= 1e-10
+    assert rel_error(ours, ref, w0) <= 1e-10
 
 
 @pytest.mark.parametrize("shape", [(40, 9), (9, 40), (37,), (3, 10, 6)], ids=str)
@@ -167,9 +156,9 @@ def test_adafactor_matches_float64_reference(shape, case):
 def test_chunked_path_equals_whole_tensor_path_float64(shape, make):
     w0 = torch.randn(shape, dtype=torch.float64)
     grads = _grads(shape)
-    whole = _run(lambda ps: make(ps, 10**9), w0, grads)
-    chunked = _run(lambda ps: make(ps, 7), w0, grads)  # chunks of a row or a few elements
-    assert _rel_error(chunked, whole, w0) <= 1e-12
+    whole = run_steps(lambda ps: make(ps, 10**9), w0, grads)
+    chunked = run_steps(lambda ps: make(ps, 7), w0, grads)  # chunks of a row or a few elements
+    assert rel_error(chunked, whole, w0) <= 1e-12
 
 
 # ---- float32 parity with torch.optim ----
@@ -180,11 +169,11 @@ def test_adamsn_one_element_subsets_is_adamw(shape, subset_norm):
     hp = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
     w0 = torch.randn(shape)
     grads = _grads(shape, dtype=torch.float32)
-    adamw = _run(lambda ps: torch.optim.AdamW(ps, **hp), w0, grads)
+    adamw = run_steps(lambda ps: torch.optim.AdamW(ps, **hp), w0, grads)
     if subset_norm:
-        ours = _run(lambda ps: AdamSN(ps, subset_size=1, **hp), w0, grads)
+        ours = run_steps(lambda ps: AdamSN(ps, subset_size=1, **hp), w0, grads)
     else:
-        ours = _run(lambda ps: AdamSN(ps, subset_norm=False, **hp), w0, grads)
+        ours = run_steps(lambda ps: AdamSN(ps, subset_norm=False, **hp), w0, grads)
     assert (ours - adamw).abs().max().item() <= 1e-6
 
 
@@ -192,8 +181,8 @@ def test_adamsn_on_vectors_is_adamw():
     hp = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
     w0 = torch.randn(50)
     grads = _grads((50,), dtype=torch.float32)
-    adamw = _run(lambda ps: torch.optim.AdamW(ps, **hp), w0, grads)
-    ours = _run(lambda ps: AdamSN(ps, **hp), w0, grads)
+    adamw = run_steps(lambda ps: torch.optim.AdamW(ps, **hp), w0, grads)
+    ours = run_steps(lambda ps: AdamSN(ps, **hp), w0, grads)
     assert (ours - adamw).abs().max().item() <= 1e-6
 
 
@@ -201,9 +190,9 @@ def test_adamsn_on_vectors_is_adamw():
 def test_adafactor_matches_torch_adafactor_float32(shape):
     w0 = torch.randn(shape)
     grads = _grads(shape, dtype=torch.float32, scale=0.1)  # moderate: far above eps1
-    theirs = _run(lambda ps: torch.optim.Adafactor(ps, lr=1e-2), w0, grads)
-    ours = _run(lambda ps: Adafactor(ps, lr=1e-2), w0, grads)
-    assert _rel_error(ours, theirs, w0) <= 1e-5
+    theirs = run_steps(lambda ps: torch.optim.Adafactor(ps, lr=1e-2), w0, grads)
+    ours = run_steps(lambda ps: Adafactor(ps, lr=1e-2), w0, grads)
+    assert rel_error(ours, theirs, w0) <= 1e-5
 
 
 def test_adafactor_bfloat16_update_size_matches_float32_and_torch_does_not():
