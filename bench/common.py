@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -117,3 +119,15 @@ def peak_allocated_bytes(fn: Callable[[], object], device: torch.device) -> tupl
         running += nbytes
         peak = max(peak, running)
     return peak, "cpu profiler allocation events"
+
+
+def use_shared_copies(shared: os.PathLike) -> None:
+    """Point the data and tokenizer variables at ``shared`` when the environment does not.
+
+    These machines have no internet; CI sets both variables itself.
+    """
+    shared = Path(shared)
+    if "MEMEFF_DATA_DIR" not in os.environ and (shared / "data").is_dir():
+        os.environ["MEMEFF_DATA_DIR"] = str(shared / "data")
+    if "TIKTOKEN_CACHE_DIR" not in os.environ and (shared / "tiktoken_cache").is_dir():
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(shared / "tiktoken_cache")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.common import use_shared_copies
 from memeff.results import PROFILES, environment, read_results, results_document, write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -103,12 +104,7 @@ def pytest_configure(config):
     config.memeff_device = resolve_device(config.getoption("--device"))
     config.memeff_recorder = Recorder(config)
     config.pluginmanager.register(config.memeff_recorder, "memeff-recorder")
-    # these machines have no internet: point at ../shared when the environment does not
-    shared = REPO_ROOT.parent / "shared"
-    if "MEMEFF_DATA_DIR" not in os.environ and (shared / "data").is_dir():
-        os.environ["MEMEFF_DATA_DIR"] = str(shared / "data")
-    if "TIKTOKEN_CACHE_DIR" not in os.environ and (shared / "tiktoken_cache").is_dir():
-        os.environ["TIKTOKEN_CACHE_DIR"] = str(shared / "tiktoken_cache")
+    use_shared_copies(REPO_ROOT.parent / "shared")
 
 
 @pytest.fixture(scope="session")

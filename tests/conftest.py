@@ -1,19 +1,14 @@
 """Shared test setup: point the data at a local copy when the environment does not."""
 
-import os
 from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from bench.common import use_shared_copies
 
 
 def pytest_configure(config):
-    # machines without internet keep the data in ../shared; CI sets these explicitly
-    if "MEMEFF_DATA_DIR" not in os.environ and (SHARED / "data").is_dir():
-        os.environ["MEMEFF_DATA_DIR"] = str(SHARED / "data")
-    if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir():
-        os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")
+    use_shared_copies(Path(__file__).resolve().parents[1].parent / "shared")
 
 
 @pytest.fixture(scope="session")
