@@ -62,7 +62,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     max_iters: int = 2000
     learning_rate: float = 1e-3
-    min_lr: float = 1e-4
+    min_lr: float | None = None  # None: learning_rate / 10, the ratio of nanoGPT's baby config
     warmup_iters: int = 100
     lr_decay_iters: int | None = None  # None: max_iters
     beta1: float = 0.9
@@ -93,7 +93,9 @@ class TrainConfig:
                              f"warmup_iters ({self.warmup_iters})")
         if not self.learning_rate > 0:
             raise ValueError(f"TrainConfig.learning_rate must be positive, got {self.learning_rate!r}")
-        for name in ("min_lr", "weight_decay", "grad_clip"):
+        if self.min_lr is not None and self.min_lr < 0:
+            raise ValueError(f"TrainConfig.min_lr must be >= 0, got {self.min_lr!r}")
+        for name in ("weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("beta1", "beta2"):
@@ -108,6 +110,11 @@ class TrainConfig:
         if self.resume and self.out_dir is None:
             raise ValueError("TrainConfig.resume needs out_dir, the directory holding the checkpoint")
         self.model_config(vocab_size=1)  # checks the model fields now, before any work
+
+    @property
+    def final_lr(self) -> float:
+        """The lr the cosine decays to: ``min_lr``, or a tenth of the peak when it is None."""
+        return self.learning_rate / 10 if self.min_lr is None else self.min_lr
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(n_layer=self.n_layer, n_head=self.n_head, n_kv_head=self.n_kv_head,
@@ -132,15 +139,15 @@ class TrainResult:
 
 
 def lr_at(it: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to ``min_lr`` at ``lr_decay_iters`` (nanoGPT's schedule)."""
+    """Linear warmup, then cosine decay to ``cfg.final_lr`` at ``lr_decay_iters`` (nanoGPT's schedule)."""
     decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it > decay_iters:
-        return cfg.min_lr
+        return cfg.final_lr
     ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
-    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+    return cfg.final_lr + coeff * (cfg.learning_rate - cfg.final_lr)
 
 
 @torch.no_grad()
@@ -302,7 +309,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(prog="python -m memeff.train",
                                 description="Train a GPT on Tiny Shakespeare (nanoGPT's baby "
                                             "config by default).")
-    types = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
+    types = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str,
+             "float | None": float}
     for f in fields(TrainConfig):
         flags = ["--" + f.name.replace("_", "-")] + (["--lr"] if f.name == "learning_rate" else [])
         if f.name == "optimizer_hparams":

@@ -29,3 +29,21 @@ def test_unknown_optimizer_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown optimizer"):
         lr_sweep.main(["--optimizers", "sgd", "--out", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
+
+
+def test_parallel_workers_give_the_same_losses(tmp_path):
+    grid = dict(max_iters=3, seed=1, lrs=[1e-3, 3e-3], weight_decays=[0.1])
+    serial = lr_sweep.sweep(["adamw"], tmp_path / "serial.json", **grid)["rows"]
+    parallel = lr_sweep.sweep(["adamw"], tmp_path / "parallel.json", workers=2, **grid)["rows"]
+    by_lr = {r["learning_rate"]: r for r in parallel}  # in order of completion
+    assert sorted(by_lr) == [1e-3, 3e-3]
+    for row in serial:
+        assert by_lr[row["learning_rate"]]["final_val_loss"] == pytest.approx(
+            row["final_val_loss"], rel=1e-5)
+        assert by_lr[row["learning_rate"]]["torch_threads"] >= 1
+
+
+def test_workers_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="workers"):
+        lr_sweep.sweep(["adamw"], tmp_path / "x.json", max_iters=3, seed=1, workers=0)
+    assert not (tmp_path / "x.json").exists()

@@ -20,10 +20,16 @@ def test_lr_schedule_is_nanogpts():
     assert lr_at(2500, cfg) == 1e-4
 
 
+def test_schedule_decays_to_a_tenth_of_the_peak_unless_min_lr_is_given():
+    assert lr_at(2000, TrainConfig(learning_rate=3e-2)) == pytest.approx(3e-3)
+    assert lr_at(2000, TrainConfig(learning_rate=3e-2, min_lr=1e-4)) == 1e-4
+    assert lr_at(2000, TrainConfig(learning_rate=3e-2, min_lr=0.0)) == 0.0
+
+
 def test_defaults_are_the_baby_gpt_config():
     cfg = TrainConfig()
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.batch_size) == (4, 4, 128, 64, 12)
-    assert (cfg.max_iters, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters) == (2000, 1e-3, 1e-4, 100)
+    assert (cfg.max_iters, cfg.learning_rate, cfg.final_lr, cfg.warmup_iters) == (2000, 1e-3, 1e-4, 100)
     assert (cfg.beta2, cfg.weight_decay, cfg.grad_clip, cfg.dropout) == (0.99, 0.1, 1.0, 0.0)
     assert (cfg.eval_interval, cfg.eval_iters) == (250, 20)
 
