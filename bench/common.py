@@ -95,6 +95,39 @@ def optimizer_for(name: str, params, **hparams) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {name!r}")
 
 
+CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator rounds every block up to a multiple of this
+
+
+def allocator_bytes(tensors) -> int:
+    """Bytes the CUDA caching allocator charges for the CUDA storages behind ``tensors``.
+
+    Each storage is counted once, rounded up to a multiple of 512 bytes as the allocator
+    rounds its blocks (so a 4-byte ``step`` scalar costs 512); storages on the CPU cost
+    nothing here. This is what ``torch.cuda.memory_allocated`` grows by when they are made.
+    """
+    seen, total = set(), 0
+    for t in tensors:
+        if t.device.type != "cuda":
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += -(-storage.nbytes() // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
+    return total
+
+
+def allocator_delta(make: Callable[[], object], device: torch.device) -> tuple[object, int | None]:
+    """``make()``'s result and the bytes ``torch.cuda.memory_allocated`` grew by (None off CUDA)."""
+    if device.type != "cuda":
+        return make(), None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    made = make()
+    torch.cuda.synchronize(device)
+    return made, torch.cuda.memory_allocated(device) - before
+
+
 def peak_allocated_bytes(fn: Callable[[], object], device: torch.device) -> tuple[int, str]:
     """Peak bytes ``fn`` allocates beyond what existed when it started, and how it was measured.
 

@@ -40,6 +40,11 @@ def load_results(results_dir: Path) -> dict[str, dict]:
     return found
 
 
+def float32_rows(state: dict) -> list[dict]:
+    """Optimizer-state rows of float32 parameters (rows from before the dtype axis are)."""
+    return [r for r in state["rows"] if r.get("dtype", "torch.float32") == "torch.float32"]
+
+
 # ---- tables -------------------------------------------------------------------------
 
 def kv_table(kv: dict) -> str:
@@ -56,7 +61,7 @@ def kv_table(kv: dict) -> str:
 def state_table(state: dict) -> str:
     shapes = [(768, 3072), (50257, 768)]
     names = ("adamw", "adamsn", "adamsnsm", "adafactor", "torch_adafactor")
-    by_key = {(tuple(r["shape"]), r["optimizer"]): r for r in state["rows"]
+    by_key = {(tuple(r["shape"]), r["optimizer"]): r for r in float32_rows(state)
               if "subset_size" not in r}
     header = "| optimizer | " + " | ".join(f"state of a {n}x{m} weight, % of AdamW" for n, m in shapes) + " |"
     lines = [header, "| --- |" + " ---: |" * len(shapes)]
@@ -184,7 +189,7 @@ def decode_time_figure(plt, kv: dict):
 
 
 def state_ratio_figure(plt, state: dict):
-    rows = [r for r in state["rows"] if "subset_size" not in r and r["optimizer"] != "adamw"]
+    rows = [r for r in float32_rows(state) if "subset_size" not in r and r["optimizer"] != "adamw"]
     shapes = list(dict.fromkeys(tuple(r["shape"]) for r in rows))
     names = list(dict.fromkeys(r["optimizer"] for r in rows))
     fig, ax = plt.subplots(figsize=(10, 3.6))

@@ -1,10 +1,12 @@
-"""Optimizer-state bytes against parameter shapes, counted two ways, and the time of a step.
+"""Optimizer-state bytes against parameter shapes, counted three ways, and the time of a step.
 
 For each shape and optimizer: the analytic count from the optimizer's formula
 (``expected_state_bytes``) must equal the bytes of the live state tensors
-(``state_bytes``), and on CUDA the allocator's growth over the first step, less the step's
-own transient peak, is recorded beside them. Each bare tensor gets its method's full
-treatment (subset-norm or factoring whatever its shape); ``step`` tensors are counted.
+(``state_bytes``), and on CUDA the allocator's growth over the first step (the step that
+creates the state; its transients are freed by then) must equal the allocator blocks of
+those tensors (each rounded up to 512 bytes; ``step`` scalars torch keeps on the CPU cost
+none). Each bare tensor gets its method's full treatment (subset-norm or factoring
+whatever its shape); ``step`` tensors are counted. bfloat16 parameters run on CUDA only.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import math
 import pytest
 import torch
 
-from bench.common import optimizer_for, require_profile, synchronized
+from bench.common import (allocator_bytes, allocator_delta, optimizer_for, require_profile,
+                          synchronized)
 from memeff.memory import expected_state_bytes, state_bytes
 from memeff.optim import OPTIMIZER_NAMES
 
@@ -28,6 +31,8 @@ SHAPES = {
     (4096, 4096): "default",
     (50257, 768): "full",
 }
+DTYPES = (torch.float32, torch.bfloat16)
+CUDA_ONLY_DTYPES = (torch.bfloat16,)  # bfloat16 weights are trained on GPUs, not CPUs
 SUBSET_SIZES = (1, 16, 256, 4096, "auto")
 SUBSET_SHAPES = ((768, 3072), (4096, 4096))
 LR = 1e-3
@@ -37,44 +42,55 @@ def suite_config(profile: str) -> dict:
     return {"shapes": [list(s) for s in SHAPES], "optimizers": list(OPTIMIZER_NAMES),
             "adamsn_subset_sizes": list(SUBSET_SIZES),
             "adamsn_subset_shapes": [list(s) for s in SUBSET_SHAPES],
-            "dtype": "torch.float32", "lr": LR, "step_tensors_counted": True}
+            "dtypes": [str(d) for d in DTYPES], "cuda_only_dtypes": [str(d) for d in CUDA_ONLY_DTYPES],
+            "lr": LR, "step_tensors_counted": True}
 
 
 def shape_id(shape) -> str:
     return "x".join(map(str, shape))
 
 
-def measure(benchmark, record, device, shape, name, **hparams):
-    torch.manual_seed(0)
-    param = torch.randn(shape, device=device, requires_grad=True)
-    param.grad = torch.randn(shape, device=device)
-    optimizer = optimizer_for(name, [param], lr=LR, **hparams)
+def measure(benchmark, record, device, shape, name, dtype=torch.float32, **hparams):
+    def step_on_fresh_param(seed: int):
+        torch.manual_seed(seed)
+        param = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+        param.grad = torch.randn(shape, device=device, dtype=dtype)
+        return param, optimizer_for(name, [param], lr=LR, **hparams)
+
+    if device.type == "cuda":  # library workspaces (cuBLAS, cuSOLVER) are made once, here
+        _, warm_up = step_on_fresh_param(1)
+        warm_up.step()
+        del warm_up, _
+    param, optimizer = step_on_fresh_param(0)
     adamw_bytes = expected_state_bytes(torch.optim.AdamW([param], lr=LR))
     analytic = expected_state_bytes(optimizer)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-    optimizer.step()  # creates the state
-    allocated = None
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        allocated = torch.cuda.memory_allocated(device) - before
+    _, allocated = allocator_delta(optimizer.step, device)  # the first step creates the state
     live = state_bytes(optimizer)
     assert live == analytic, f"{name} on {shape}: live state {live} bytes, formula {analytic}"
+    state_tensors = [v for s in optimizer.state.values() for v in s.values()
+                     if isinstance(v, torch.Tensor)]
+    if allocated is not None:
+        charged = allocator_bytes(state_tensors)
+        assert allocated == charged, (f"{name} on {shape}: the allocator grew by {allocated} "
+                                      f"bytes over the first step; the state's blocks are {charged}")
     rounds = max(3, min(50, int(2e8 // param.numel())))  # bounded time on large shapes
     benchmark.pedantic(synchronized(optimizer.step, device), rounds=rounds, warmup_rounds=1)
-    return record(shape=list(shape), numel=param.numel(), optimizer=name, **hparams,
-                  analytic_bytes=analytic, live_bytes=live, allocator_bytes_after_first_step=allocated,
-                  adamw_bytes=adamw_bytes, ratio_to_adamw=live / adamw_bytes)
+    return record(shape=list(shape), numel=param.numel(), optimizer=name, dtype=str(dtype),
+                  **hparams, analytic_bytes=analytic, live_bytes=live,
+                  allocator_bytes_after_first_step=allocated, adamw_bytes=adamw_bytes,
+                  ratio_to_adamw=live / adamw_bytes)
 
 
 @pytest.mark.benchmark(group="optimizer state")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 @pytest.mark.parametrize("shape", list(SHAPES), ids=shape_id)
-def test_state_bytes(benchmark, record, device, profile, shape, name):
+def test_state_bytes(benchmark, record, device, profile, shape, name, dtype):
+    if dtype in CUDA_ONLY_DTYPES and device.type != "cuda":
+        pytest.skip(f"{dtype} optimizer steps are measured on CUDA only")
     require_profile(profile, SHAPES[shape])
-    row = measure(benchmark, record, device, shape, name)
-    if len(shape) == 2 and name in ("adamsn", "adafactor"):
+    row = measure(benchmark, record, device, shape, name, dtype)
+    if len(shape) == 2 and name in ("adamsn", "adafactor") and dtype == torch.float32:
         n, m = shape
         expected_ratio = ((n * m + max(n, m)) if name == "adamsn" else (n + m)) / (2 * n * m)
         # the formula in the docs, step tensors aside (4 bytes each side)

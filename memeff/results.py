@@ -44,7 +44,11 @@ def _utc_now() -> str:
 
 
 def git_state(repo: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The checked-out commit and whether tracked files differ from it (None outside git)."""
+    """The checked-out commit and whether tracked files differ from it.
+
+    Outside git (a copied tree, e.g. on a lent GPU machine) the commit is
+    ``$MEMEFF_SOURCE_COMMIT`` when set, and whether the tree differs is unknown (None).
+    """
     cwd = Path(repo) if repo is not None else Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
@@ -52,7 +56,7 @@ def git_state(repo: str | os.PathLike | None = None) -> dict[str, Any]:
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                 cwd=cwd, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
+        return {"commit": os.environ.get("MEMEFF_SOURCE_COMMIT") or None, "dirty": None}
     return {"commit": commit, "dirty": bool(status.strip())}
 
 
@@ -68,15 +72,18 @@ def cpu_model() -> str:
 
 def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
     """Versions, device and source state that every results file records."""
-    import numpy
-
+    try:
+        import numpy
+        numpy_version = numpy.__version__
+    except ImportError:  # torch runs without it; only some of memeff's callers need it
+        numpy_version = None
     device = torch.device(device)
     env: dict[str, Any] = {
         "utc_time": _utc_now(),
         **{f"git_{k}": v for k, v in git_state().items()},
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "numpy": numpy.__version__,
+        "numpy": numpy_version,
         "platform": platform.platform(),
         "device_type": device.type,
         "cpu": cpu_model(),

@@ -64,3 +64,12 @@ def test_interrupted_write_keeps_the_previous_file(tmp_path):
         atomic_write(path, fail_half_way)
     assert json.loads(path.read_text()) == {"old": True}
     assert [p.name for p in tmp_path.iterdir()] == ["suite.json"]
+
+
+def test_outside_git_the_commit_comes_from_the_environment(tmp_path, monkeypatch):
+    from memeff.results import git_state
+
+    monkeypatch.delenv("MEMEFF_SOURCE_COMMIT", raising=False)
+    assert git_state(tmp_path) == {"commit": None, "dirty": None}
+    monkeypatch.setenv("MEMEFF_SOURCE_COMMIT", "0123abc")
+    assert git_state(tmp_path) == {"commit": "0123abc", "dirty": None}
