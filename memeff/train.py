@@ -11,11 +11,24 @@ with the evaluation at ``max_iters``, after ``max_iters`` optimizer steps. A che
 holds everything that decides the rest of the run (weights, optimizer state, the batch
 generator and the global RNG), so resuming from iteration k reproduces an uninterrupted
 run exactly.
+
+``torchrun --standalone --nproc_per_node=N -m memeff.train ...`` trains with
+DistributedDataParallel over N processes (gloo on CPU, nccl on CUDA, one GPU per process).
+``batch_size`` is then each process's micro-batch: every micro-step, each rank draws the
+global batch of ``batch_size * N`` sequences from the same seeded generator and keeps its
+own contiguous slice, so N processes with ``batch_size`` B train on exactly the batches
+of one process with ``batch_size`` N*B. Without dropout the losses then agree to float
+rounding (with dropout they differ: rank r > 0 draws its masks from the seed ``seed + r``).
+Gradients are all-reduced only in the last micro-step's backward. Rank 0 alone evaluates
+(on global batches), logs and writes the checkpoint (which keeps every rank's RNG state)
+and ``result.json``; the optimizer state is replicated on every rank. A single process
+runs exactly as before DDP existed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -27,8 +40,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from memeff import cli
+from memeff import cli, distributed
 from memeff.data import DATASETS, Dataset, get_batch, load_dataset
 from memeff.memory import state_bytes
 from memeff.model import GPT, GPTConfig
@@ -126,12 +140,14 @@ class TrainConfig:
 class TrainResult:
     config: dict[str, Any]
     n_params: int
-    optimizer_state_bytes: int
+    optimizer_state_bytes: int  # held by rank 0; under DDP every rank holds a full replica
+    optimizer_state_bytes_per_rank: list[int]  # measured on each rank, in rank order
+    world_size: int  # processes that trained (1 without torchrun)
     evals: list[dict[str, float]]  # {"iter", "train_loss", "val_loss"} per evaluation
     final_train_loss: float
     final_val_loss: float
-    median_ms_per_iter: float  # over the optimizer steps this call ran
-    tokens_per_s: float
+    median_ms_per_iter: float  # over the optimizer steps this call ran (rank 0's)
+    tokens_per_s: float  # of the global batch: all ranks together
     iters_run: int  # optimizer steps this call ran (fewer than max_iters after a resume)
 
     def to_dict(self) -> dict[str, Any]:
@@ -151,15 +167,21 @@ def lr_at(it: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def estimate_loss(model: GPT, data: Dataset, cfg: TrainConfig) -> dict[str, float]:
-    """Mean loss over ``eval_iters`` batches per split; the same batches at every evaluation."""
+def estimate_loss(model: GPT, data: Dataset, cfg: TrainConfig,
+                  batch_size: int | None = None) -> dict[str, float]:
+    """Mean loss over ``eval_iters`` batches per split; the same batches at every evaluation.
+
+    Batches hold ``batch_size`` sequences (default ``cfg.batch_size``); under DDP rank 0
+    evaluates the global batch, ``cfg.batch_size * world_size``.
+    """
+    batch_size = cfg.batch_size if batch_size is None else batch_size
     model.eval()
     losses = {}
     for split, ids in (("train", data.train), ("val", data.val)):
         generator = torch.Generator().manual_seed(cfg.seed)
         total = 0.0
         for _ in range(cfg.eval_iters):
-            x, y = get_batch(ids, cfg.batch_size, cfg.block_size, generator)
+            x, y = get_batch(ids, batch_size, cfg.block_size, generator)
             _, loss = model(x.to(cfg.device), y.to(cfg.device))
             total += loss.item()
         losses[split] = total / cfg.eval_iters
@@ -183,15 +205,22 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     The global RNG (weight init, dropout) is seeded from ``cfg.seed`` inside a fork, so
     the caller's RNG state is left as it was and a run depends on its config alone.
+
+    In a process that torchrun started with ``WORLD_SIZE`` > 1, this joins the process
+    group (unless the caller already holds one) and leaves it on return or error; every
+    rank returns the same result, with rank 0's timings and evaluations.
     """
-    device = torch.device(cfg.device)
-    cuda_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(cfg.seed)
-        return _train(cfg, device)
+    with distributed.process_group(torch.device(cfg.device).type):
+        device = distributed.local_device(torch.device(cfg.device))
+        cuda_devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devices):
+            torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
+            return _train(cfg, device)
 
 
 def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
+    rank, world_size = distributed.rank(), distributed.world_size()
+    is_main = rank == 0
     checkpoint_path = Path(cfg.out_dir) / CHECKPOINT_NAME if cfg.out_dir else None
     checkpoint = None
     if checkpoint_path is not None and not cfg.resume and checkpoint_path.exists():
@@ -202,27 +231,46 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
             raise FileNotFoundError(f"cannot resume: no checkpoint at {checkpoint_path}")
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         _check_resumable(checkpoint["train_config"], cfg)
+        saved_world_size = checkpoint.get("world_size", 1)
+        if saved_world_size != world_size:
+            raise ValueError(f"cannot resume: the checkpoint was written by {saved_world_size} "
+                             f"process(es) and this run has {world_size}; resume with "
+                             f"--nproc_per_node={saved_world_size}, or use another --out-dir")
 
     data = load_dataset(cfg.dataset)
     model = GPT(cfg.model_config(data.vocab_size)).to(device)
     optimizer = build_optimizer(cfg.optimizer, model, lr=cfg.learning_rate,
                                 weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                                 **cfg.optimizer_hparams)
-    batch_generator = torch.Generator().manual_seed(cfg.seed)
+    if rank > 0:  # its own dropout masks; rank 0 continues the single-process stream
+        torch.manual_seed(cfg.seed + rank)
+    batch_generator = torch.Generator().manual_seed(cfg.seed)  # the same on every rank
     evals: list[dict[str, float]] = []
     start_iter = 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         batch_generator.set_state(checkpoint["batch_generator"])
-        torch.set_rng_state(checkpoint["rng_state"])  # dropout draws from the global RNG
+        # dropout draws from the global RNG, one state per rank
+        torch.set_rng_state(checkpoint["rng_states"][rank])
         if device.type == "cuda":
-            torch.cuda.set_rng_state(checkpoint["cuda_rng_state"], device)
+            torch.cuda.set_rng_state(checkpoint["cuda_rng_states"][rank], device)
         evals = list(checkpoint["evals"])
         start_iter = checkpoint["iter"]
-        log.info("resumed from %s at iteration %d", checkpoint_path, start_iter)
+        if is_main:
+            log.info("resumed from %s at iteration %d", checkpoint_path, start_iter)
+    # Constructing DDP is a collective, so every rank has passed the checks above before
+    # rank 0 can write a checkpoint; it also broadcasts rank 0's weights.
+    ddp_model = DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    ) if world_size > 1 else model
 
     def save_checkpoint(it: int) -> None:
+        rng_states = distributed.all_gather(torch.get_rng_state())  # a collective: all ranks
+        cuda_rng_states = (distributed.all_gather(torch.cuda.get_rng_state(device))
+                           if device.type == "cuda" else None)
+        if not is_main:
+            return
         state = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -233,13 +281,16 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
             "chars": data.chars,
             "evals": evals,
             "batch_generator": batch_generator.get_state(),
-            "rng_state": torch.get_rng_state(),
+            "world_size": world_size,
+            "rng_states": rng_states,
         }
-        if device.type == "cuda":
-            state["cuda_rng_state"] = torch.cuda.get_rng_state(device)
+        if cuda_rng_states is not None:
+            state["cuda_rng_states"] = cuda_rng_states
         atomic_write(checkpoint_path, lambda f: torch.save(state, f))
 
-    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps
+    global_batch_size = cfg.batch_size * world_size
+    tokens_per_iter = global_batch_size * cfg.block_size * cfg.grad_accum_steps
+    rank_rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
     step_seconds: list[float] = []
     it = start_iter
     while True:
@@ -248,20 +299,26 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
             group["lr"] = lr
         due = it % cfg.eval_interval == 0 or it == cfg.max_iters
         if due and not (checkpoint is not None and it == start_iter):  # its eval is in evals
-            losses = estimate_loss(model, data, cfg)
-            evals.append({"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]})
-            log.info("eval %d/%d: train loss %.4f, val loss %.4f", it, cfg.max_iters,
-                     losses["train"], losses["val"])
+            if is_main:  # the other ranks wait for it in the next gradient all-reduce
+                losses = estimate_loss(model, data, cfg, global_batch_size)
+                evals.append({"iter": it, "train_loss": losses["train"],
+                              "val_loss": losses["val"]})
+                log.info("eval %d/%d: train loss %.4f, val loss %.4f", it, cfg.max_iters,
+                         losses["train"], losses["val"])
             if checkpoint_path is not None:
                 save_checkpoint(it)
         if it >= cfg.max_iters:
             break
 
         t0 = time.perf_counter()
-        for _ in range(cfg.grad_accum_steps):
-            x, y = get_batch(data.train, cfg.batch_size, cfg.block_size, batch_generator)
-            _, loss = model(x.to(device), y.to(device))
-            (loss / cfg.grad_accum_steps).backward()
+        for micro_step in range(cfg.grad_accum_steps):
+            x, y = get_batch(data.train, global_batch_size, cfg.block_size, batch_generator)
+            x, y = x[rank_rows], y[rank_rows]  # (batch_size, block_size): this rank's slice
+            last = micro_step == cfg.grad_accum_steps - 1
+            # DDP all-reduces (averages) the gradients in the last micro-step's backward only
+            with contextlib.nullcontext() if last or world_size == 1 else ddp_model.no_sync():
+                _, loss = ddp_model(x.to(device), y.to(device))
+                (loss / cfg.grad_accum_steps).backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -270,7 +327,7 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
             torch.cuda.synchronize(device)
         step_seconds.append(time.perf_counter() - t0)
 
-        if it % cfg.log_interval == 0:
+        if it % cfg.log_interval == 0 and is_main:
             recent = statistics.median(step_seconds[-cfg.log_interval:])
             eta = recent * (cfg.max_iters - it - 1)
             log.info("iter %d/%d: loss %.4f, lr %.2e, %.1f ms/iter, %.0f s left", it,
@@ -278,10 +335,14 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
         it += 1
 
     median_s = statistics.median(step_seconds) if step_seconds else float("nan")
+    state_bytes_per_rank = distributed.all_gather(state_bytes(optimizer))
+    evals = distributed.broadcast_from_main(evals)
     result = TrainResult(
         config=asdict(cfg),
         n_params=model.num_params(),
-        optimizer_state_bytes=state_bytes(optimizer),
+        optimizer_state_bytes=state_bytes_per_rank[0],
+        optimizer_state_bytes_per_rank=state_bytes_per_rank,
+        world_size=world_size,
         evals=evals,
         final_train_loss=evals[-1]["train_loss"],
         final_val_loss=evals[-1]["val_loss"],
@@ -289,7 +350,7 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
         tokens_per_s=tokens_per_iter / median_s,
         iters_run=len(step_seconds),
     )
-    if cfg.out_dir:
+    if cfg.out_dir and is_main:
         write_json(Path(cfg.out_dir) / RESULT_NAME, result.to_dict())
     return result
 
@@ -328,8 +389,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     cfg = TrainConfig(**args)
-    result = train(cfg)
-    print(json.dumps({k: v for k, v in result.to_dict().items() if k not in ("config", "evals")}))
+    with distributed.process_group(torch.device(cfg.device).type):  # train() joins this one
+        result = train(cfg)
+        if distributed.is_main():
+            summary = {k: v for k, v in result.to_dict().items() if k not in ("config", "evals")}
+            print(json.dumps(summary))
     return 0
 
 
