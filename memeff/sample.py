@@ -32,6 +32,26 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
     return model, encode, decode
 
 
+def sample_text(checkpoint: str | Path, prompt: str = "\n", max_new_tokens: int = 500,
+                temperature: float = 0.8, top_k: int | None = 200, seed: int = 1337,
+                num_samples: int = 1, device: str = "cpu") -> list[str]:
+    """``num_samples`` continuations of ``prompt`` (prompt included) from a checkpoint.
+
+    Generation uses the KV cache; the same checkpoint, prompt and seed give the same text.
+    """
+    if num_samples <= 0:
+        raise ValueError(f"num_samples must be positive, got {num_samples}")
+    model, encode, decode = load_checkpoint(checkpoint, device)
+    ids = encode(prompt)
+    if not ids:
+        raise ValueError("the prompt must not be empty")
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return [decode(model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                                  generator=generator)[0].tolist())
+            for _ in range(num_samples)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = cli.ArgumentParser(prog="python -m memeff.sample",
                                 description="Sample text from a memeff checkpoint.")
@@ -44,21 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1337, help="(default: 1337)")
     parser.add_argument("--device", default="cpu", help="(default: cpu)")
     args = parser.parse_args(argv)
-    if args.num_samples <= 0:
-        raise ValueError(f"--num-samples must be positive, got {args.num_samples}")
-
-    model, encode, decode = load_checkpoint(args.checkpoint, args.device)
-    prompt = encode(args.prompt)
-    if not prompt:
-        raise ValueError("--prompt must not be empty")
-    idx = torch.tensor([prompt], dtype=torch.long, device=args.device)
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    for i in range(args.num_samples):
-        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, generator=generator)
-        if i:
-            print("---------------")
-        print(decode(out[0].tolist()))
+    samples = sample_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature,
+                          args.top_k, args.seed, args.num_samples, args.device)
+    print("\n---------------\n".join(samples))
     return 0
 
 

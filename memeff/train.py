@@ -252,9 +252,11 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
         optimizer.load_state_dict(checkpoint["optimizer"])
         batch_generator.set_state(checkpoint["batch_generator"])
         # dropout draws from the global RNG, one state per rank
-        torch.set_rng_state(checkpoint["rng_states"][rank])
+        # (checkpoints from before DDP hold one state under the singular key)
+        torch.set_rng_state(checkpoint.get("rng_states", [checkpoint.get("rng_state")])[rank])
         if device.type == "cuda":
-            torch.cuda.set_rng_state(checkpoint["cuda_rng_states"][rank], device)
+            cuda_states = checkpoint.get("cuda_rng_states", [checkpoint.get("cuda_rng_state")])
+            torch.cuda.set_rng_state(cuda_states[rank], device)
         evals = list(checkpoint["evals"])
         start_iter = checkpoint["iter"]
         if is_main:
