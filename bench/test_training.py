@@ -8,12 +8,17 @@ and spread (max - min) over seeds.
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+import torch
 
 from memeff.sample import sample_text
-from memeff.train import TrainConfig, train
+from memeff.train import TrainConfig, TrainResult, train
 
 # Peak lr and weight decay per optimizer; the schedule (100 warmup iterations, cosine to
 # lr/10) and everything else is nanoGPT's baby config.
@@ -36,25 +41,36 @@ HPARAMS = {
 # nanoGPT's own settings for the baby config, kept as rows so the earlier fork's table
 # (which used them) compares like for like
 NANOGPT_LR = dict(learning_rate=1e-3, weight_decay=0.1)
-# label: (optimizer, n_kv_head, dataset, profiles that run it, lr and weight decay if not
-# HPARAMS'). quick runs every char row for 200 iterations; default, which must stay under
-# 15 minutes on a 2-core CPU (about 2.5 minutes per 2000-iteration run), trains only the
-# three headline optimizers.
+
+
+class Run(NamedTuple):
+    optimizer: str
+    n_kv_head: int | None  # None: n_head (MHA)
+    dataset: str
+    profiles: tuple[str, ...]  # the profiles that train it
+    hparams: dict | None = None  # lr and weight decay, if not HPARAMS[optimizer]
+    max_seeds: int | None = None  # at most this many of the profile's seeds
+
+
+# quick trains every char row for 200 iterations; default, which must stay under 15
+# minutes on a 2-core CPU (about 2.5 minutes per 2000-iteration run), trains only the
+# three headline optimizers. The GPT-2 BPE rows train one seed: their 50257-way output
+# layer makes an iteration about 10x a char-level one on a CPU.
 EVERY, HEADLINE, FULL = ("quick", "default", "full"), ("quick", "full"), ("full",)
 RUNS = {
-    "adamw": ("adamw", None, "char", EVERY, None),
-    "adamsn": ("adamsn", None, "char", EVERY, None),
-    "adafactor": ("adafactor", None, "char", EVERY, None),
-    "adamsnsm": ("adamsnsm", None, "char", HEADLINE, None),
-    "torch_adafactor": ("torch_adafactor", None, "char", HEADLINE, None),
-    "adamw-gqa2": ("adamw", 2, "char", HEADLINE, None),
-    "adamw-mqa1": ("adamw", 1, "char", HEADLINE, None),
-    "adamw-lr1e-3": ("adamw", None, "char", FULL, NANOGPT_LR),
-    "adamsn-lr1e-3": ("adamsn", None, "char", FULL, NANOGPT_LR),
-    "adafactor-lr1e-3": ("adafactor", None, "char", FULL, NANOGPT_LR),
-    "adamw-bpe": ("adamw", None, "bpe", FULL, None),
-    "adamsn-bpe": ("adamsn", None, "bpe", FULL, None),
-    "adafactor-bpe": ("adafactor", None, "bpe", FULL, None),
+    "adamw": Run("adamw", None, "char", EVERY),
+    "adamsn": Run("adamsn", None, "char", EVERY),
+    "adafactor": Run("adafactor", None, "char", EVERY),
+    "adamsnsm": Run("adamsnsm", None, "char", HEADLINE),
+    "torch_adafactor": Run("torch_adafactor", None, "char", HEADLINE),
+    "adamw-gqa2": Run("adamw", 2, "char", HEADLINE),
+    "adamw-mqa1": Run("adamw", 1, "char", HEADLINE),
+    "adamw-lr1e-3": Run("adamw", None, "char", FULL, NANOGPT_LR),
+    "adamsn-lr1e-3": Run("adamsn", None, "char", FULL, NANOGPT_LR),
+    "adafactor-lr1e-3": Run("adafactor", None, "char", FULL, NANOGPT_LR),
+    "adamw-bpe": Run("adamw", None, "bpe", FULL, max_seeds=1),
+    "adamsn-bpe": Run("adamsn", None, "bpe", FULL, max_seeds=1),
+    "adafactor-bpe": Run("adafactor", None, "bpe", FULL, max_seeds=1),
 }
 # the text sample each run's first seed writes, from its final checkpoint (KV-cache generation)
 SAMPLE = dict(prompt="ROMEO:", max_new_tokens=200, temperature=0.8, top_k=200, seed=1337)
@@ -67,41 +83,99 @@ def suite_config(profile: str) -> dict:
                      if k not in ("out_dir", "resume", "seed", "optimizer_hparams")},
             "max_iters": max_iters, "eval_interval": eval_interval,
             "hparams": HPARAMS, "sample": SAMPLE,
-            "runs": {k: [*v[:3], v[4] or HPARAMS[v[0]]] for k, v in RUNS.items() if profile in v[3]}}
+            "runs": {label: {**run._asdict(), "hparams": hparams_of(run)}
+                     for label, run in RUNS.items() if profile in run.profiles}}
+
+
+def hparams_of(run: Run) -> dict:
+    return {**HPARAMS[run.optimizer], **(run.hparams or {})}
+
+
+def seeds_of(run: Run, seeds: list[int]) -> list[int]:
+    return seeds[:run.max_seeds] if run.max_seeds else seeds
+
+
+def config_of(label: str, seed: int, seeds: list[int], profile: str, device: torch.device,
+              sample_root: Path) -> TrainConfig:
+    """A run's config; the first seed keeps checkpoints under ``sample_root`` for its sample."""
+    run = RUNS[label]
+    max_iters, eval_interval = ITERATIONS[profile]
+    out_dir = str(sample_root / label) if seed == seeds[0] else None
+    return TrainConfig(optimizer=run.optimizer, n_kv_head=run.n_kv_head, dataset=run.dataset,
+                       seed=seed, max_iters=max_iters, eval_interval=eval_interval,
+                       log_interval=max_iters, device=device.type, out_dir=out_dir,
+                       **hparams_of(run))
+
+
+def train_with_threads(cfg: TrainConfig, threads: int) -> TrainResult:
+    """One run in a worker process, with its share of the CPU threads."""
+    torch.set_num_threads(threads)
+    return train(cfg)
+
+
+@pytest.fixture(scope="module")
+def sample_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("training")
+
+
+@pytest.fixture(scope="module")
+def parallel_runs(request, device, profile, seeds, sample_root):
+    """With ``--train-workers N`` > 1: every selected run of the profile, submitted at once
+    to N worker processes (longest first), as {(label, seed): future}; else None.
+
+    Losses do not depend on it beyond float rounding; each row's ms/iter and tokens/s are
+    then those of a run sharing the CPU with N - 1 others (``concurrent_runs`` says so).
+    """
+    workers = request.config.getoption("--train-workers")
+    if workers == 1:
+        yield None
+        return
+    labels = [item.callspec.params["label"] for item in request.session.items
+              if item.module is request.module and profile in RUNS[item.callspec.params["label"]].profiles]
+    jobs = [(label, seed) for label in labels for seed in seeds_of(RUNS[label], seeds)]
+    jobs.sort(key=lambda job: RUNS[job[0]].dataset == "char")  # BPE runs are the long ones
+    threads = max(1, torch.get_num_threads() // workers)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {(label, seed): pool.submit(
+            train_with_threads, config_of(label, seed, seeds, profile, device, sample_root), threads)
+            for label, seed in jobs}
+        yield futures
+        for future in futures.values():
+            future.cancel()
 
 
 @pytest.mark.benchmark(group="training")
 @pytest.mark.parametrize("label", list(RUNS))
-def test_training(benchmark, record, device, profile, seeds, label, tmp_path):
-    name, n_kv_head, dataset, profiles, lr_override = RUNS[label]
-    if profile not in profiles:
-        pytest.skip(f"runs in the {' and '.join(profiles)} profiles: use --profile full")
-    max_iters, eval_interval = ITERATIONS[profile]
-    hparams = {**HPARAMS[name], **(lr_override or {})}
+def test_training(benchmark, record, request, device, profile, seeds, label, sample_root,
+                  parallel_runs):
+    run = RUNS[label]
+    if profile not in run.profiles:
+        pytest.skip(f"runs in the {' and '.join(run.profiles)} profiles: use --profile full")
+    run_seeds = seeds_of(run, seeds)
     results = []
 
     def run_all_seeds():
-        for seed in seeds:
-            out_dir = str(tmp_path / f"seed{seed}") if seed == seeds[0] else None  # for the sample
-            cfg = TrainConfig(optimizer=name, n_kv_head=n_kv_head, dataset=dataset, seed=seed,
-                              max_iters=max_iters, eval_interval=eval_interval,
-                              log_interval=max_iters, device=device.type, out_dir=out_dir,
-                              **hparams)
-            results.append(train(cfg))
+        for seed in run_seeds:
+            if parallel_runs is None:
+                results.append(train(config_of(label, seed, seeds, profile, device, sample_root)))
+            else:
+                results.append(parallel_runs[(label, seed)].result())
 
     benchmark.pedantic(run_all_seeds, rounds=1, iterations=1)
-    sample = sample_text(tmp_path / f"seed{seeds[0]}", device=device.type, **SAMPLE)[0]
-    for seed, result in zip(seeds, results):
+    sample = sample_text(sample_root / label, device=device.type, **SAMPLE)[0]
+    hparams = hparams_of(run)
+    for seed, result in zip(run_seeds, results):
         assert result.final_val_loss < result.evals[0]["val_loss"], "training did not learn"
-        record(label=label, optimizer=name, n_head=result.config["n_head"],
-               n_kv_head=n_kv_head or result.config["n_head"], dataset=dataset, seed=seed,
-               max_iters=max_iters, learning_rate=hparams["learning_rate"],
-               weight_decay=hparams["weight_decay"],
+        record(label=label, optimizer=run.optimizer, n_head=result.config["n_head"],
+               n_kv_head=run.n_kv_head or result.config["n_head"], dataset=run.dataset,
+               seed=seed, max_iters=result.config["max_iters"],
+               learning_rate=hparams["learning_rate"], weight_decay=hparams["weight_decay"],
                optimizer_hparams=hparams.get("optimizer_hparams", {}), evals=result.evals,
                final_train_loss=result.final_train_loss, final_val_loss=result.final_val_loss,
                median_ms_per_iter=result.median_ms_per_iter, tokens_per_s=result.tokens_per_s,
                optimizer_state_bytes=result.optimizer_state_bytes, n_params=result.n_params,
-               sample=sample if seed == seeds[0] else None, median_s=None, rounds=None)
+               concurrent_runs=request.config.getoption("--train-workers"),
+               sample=sample if seed == run_seeds[0] else None, median_s=None, rounds=None)
 
 
 def spread(values: list[float]) -> dict:
