@@ -21,7 +21,7 @@ from memeff import cli
 from memeff.results import atomic_write, read_results
 
 REPO = Path(__file__).resolve().parents[1]
-SUITES = ("kv_cache", "optimizer_state", "step_time", "training", "lr_sweep")
+SUITES = ("kv_cache", "optimizer_state", "step_time", "training", "training_bpe", "lr_sweep")
 OPTIMIZER_LABELS = {
     "adamw": "AdamW (torch, fused)", "adamw_fused": "AdamW fused (torch)",
     "adamw_foreach": "AdamW foreach (torch)", "adamsn": "AdamSN", "adamsnsm": "AdamSN+SM",
@@ -130,9 +130,13 @@ def first_rows(training: dict) -> dict[str, dict]:
     return first
 
 
-def training_table(training: dict, step: dict | None) -> str:
-    """The headline table: losses over seeds, optimizer-state bytes, step time."""
-    summary, first = training["summary"], first_rows(training)
+def training_table(training: dict, step: dict | None, bpe: dict | None = None) -> str:
+    """The headline table: losses over seeds, optimizer-state bytes, step time; the GPT-2
+    BPE runs (their own suite) follow the char-level ones when published."""
+    summary, first = dict(training["summary"]), first_rows(training)
+    if bpe is not None:
+        summary.update(bpe["summary"])
+        first.update(first_rows(bpe))
     adamw_bytes = {r["dataset"]: summary[label]["optimizer_state_bytes"]
                    for label, r in first.items()
                    if r["optimizer"] == "adamw" and r["n_kv_head"] == training["config"]["base"]["n_head"]}
@@ -207,7 +211,8 @@ def tables(results: dict[str, dict]) -> dict[str, str]:
     if "step_time" in results:
         out["step-table"] = step_table(results["step_time"])
     if "training" in results:
-        out["training-table"] = training_table(results["training"], results.get("step_time"))
+        out["training-table"] = training_table(results["training"], results.get("step_time"),
+                                               results.get("training_bpe"))
         out["samples"] = samples_block(results["training"])
     if "lr_sweep" in results:
         out["sweep-table"] = sweep_table(results["lr_sweep"])

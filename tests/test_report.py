@@ -100,3 +100,17 @@ def test_training_figures_and_samples_render(tmp_path):
         fig = build(plt, document)
         assert report._png(fig).startswith(b"\x89PNG")
         plt.close(fig)
+
+
+def test_bpe_rows_follow_with_their_own_adamw_as_the_state_baseline(tmp_path):
+    import copy
+
+    char = training_document(tmp_path)
+    bpe = copy.deepcopy(char)
+    for r in bpe["rows"]:
+        r.update(label=r["label"] + "-bpe", dataset="bpe", optimizer_state_bytes=10 * r["optimizer_state_bytes"])
+    bpe["summary"] = {k + "-bpe": {**v, "optimizer_state_bytes": 10 * v["optimizer_state_bytes"]}
+                      for k, v in bpe["summary"].items()}
+    table = report.training_table(char, None, bpe).splitlines()
+    assert table[5].startswith("| AdamW (GPT-2 BPE) |") and "| 8,000 B | 100.0% |" in table[5]
+    assert table[6].startswith("| AdamSN (GPT-2 BPE) |") and "| 4,000 B | 50.0% |" in table[6]
