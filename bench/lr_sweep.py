@@ -52,14 +52,29 @@ GRID = {
 OPTIMIZER_HPARAMS = {"adamsnsm": {"rank": 32}}
 
 
+# Ablations of AdamSN (why does it trail AdamW, if it does?), each trained at the lr and
+# weight decay AdamSN's grid found best: name -> (optimizer_hparams, TrainConfig fields).
+VARIANTS = {
+    "tied-per-element": ({"tied_weight_as_linear": False}, {}),  # wte/lm_head not subset-norm
+    "warmup-200": ({}, {"warmup_iters": 200}),
+    "eps-1e-12": ({"eps": 1e-12}, {}),
+    "subset-32": ({"subset_size": 32}, {}),  # 32-element subsets instead of whole rows
+}
+VARIANT_OF = "adamsn"
+
+
 def run_key(row: dict) -> str:
     return json.dumps([row["optimizer"], row["learning_rate"], row["weight_decay"],
-                       row["optimizer_hparams"], row["seed"], row["max_iters"]])
+                       row["optimizer_hparams"], row["seed"], row["max_iters"],
+                       row.get("variant"), row.get("train_overrides", {})])
 
 
 def best_per_optimizer(rows: list[dict]) -> dict:
+    """The grid row with the lowest final val loss per optimizer (ablations left out)."""
     best = {}
     for row in rows:
+        if row.get("variant"):
+            continue
         current = best.get(row["optimizer"])
         if current is None or row["final_val_loss"] < current["final_val_loss"]:
             best[row["optimizer"]] = {k: row[k] for k in ("learning_rate", "weight_decay",
@@ -68,13 +83,13 @@ def best_per_optimizer(rows: list[dict]) -> dict:
 
 
 def run_one(name: str, lr: float, wd: float, hparams: dict, seed: int, max_iters: int,
-            threads: int | None = None) -> dict:
+            overrides: dict | None = None, threads: int | None = None) -> dict:
     """Train one grid point; the measured part of its row."""
     if threads is not None:
         torch.set_num_threads(threads)
     result = train(TrainConfig(optimizer=name, learning_rate=lr, weight_decay=wd,
                                optimizer_hparams=hparams, seed=seed, max_iters=max_iters,
-                               log_interval=500))
+                               log_interval=500, **(overrides or {})))
     return {"final_train_loss": result.final_train_loss, "final_val_loss": result.final_val_loss,
             "evals": result.evals, "median_ms_per_iter": result.median_ms_per_iter,
             "optimizer_state_bytes": result.optimizer_state_bytes,
@@ -88,46 +103,80 @@ def sweep(optimizers: Sequence[str], out: Path, max_iters: int, seed: int,
 
     ``workers`` > 1 trains that many runs at once in separate processes, splitting this
     process's torch threads between them (on a 2-core CPU, two 1-thread runs finish about
-    1.5x sooner than two 2-thread runs one after the other). Losses do not depend on it
+    1.4x sooner than two 2-thread runs one after the other). Losses do not depend on it
     beyond float rounding; the per-iteration times in the rows do.
     """
-    if workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
     rows: list[dict] = read_results(out)["rows"] if out.exists() else []
-    done = {run_key(r) for r in rows}
     plan = []
     for name in optimizers:
         grid = GRID[name]
         for wd in weight_decays if weight_decays is not None else grid:
             for lr in lrs or grid.get(wd, max(grid.values(), key=len)):
-                row = dict(optimizer=name, learning_rate=lr, weight_decay=wd,
-                           optimizer_hparams=OPTIMIZER_HPARAMS.get(name, {}), seed=seed,
-                           max_iters=max_iters)
-                if run_key(row) not in done:
-                    plan.append(row)
-    if not plan and not rows:
+                plan.append(dict(optimizer=name, learning_rate=lr, weight_decay=wd,
+                                 optimizer_hparams=OPTIMIZER_HPARAMS.get(name, {}), seed=seed,
+                                 max_iters=max_iters))
+    if not plan:
         raise ValueError("the sweep's grid is empty: check --lrs and --weight-decays")
+    return _train_missing(plan, rows, out, seed, max_iters, workers)
+
+
+def ablate(variants: Sequence[str], out: Path, max_iters: int, seed: int, workers: int = 1) -> dict:
+    """Train each of AdamSN's ``variants`` at the best lr and weight decay of its grid in ``out``."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    rows: list[dict] = read_results(out)["rows"] if out.exists() else []
+    best = best_per_optimizer([r for r in rows if r["seed"] == seed and r["max_iters"] == max_iters])
+    if VARIANT_OF not in best:
+        raise ValueError(f"{out} has no {VARIANT_OF} grid runs with seed {seed} and {max_iters} "
+                         f"iterations: run the sweep with --optimizers {VARIANT_OF} first")
+    plan = [dict(optimizer=VARIANT_OF, learning_rate=best[VARIANT_OF]["learning_rate"],
+                 weight_decay=best[VARIANT_OF]["weight_decay"],
+                 optimizer_hparams={**OPTIMIZER_HPARAMS.get(VARIANT_OF, {}), **VARIANTS[v][0]},
+                 seed=seed, max_iters=max_iters, variant=v, train_overrides=VARIANTS[v][1])
+            for v in variants]
+    return _train_missing(plan, rows, out, seed, max_iters, workers)
+
+
+def summary(rows: list[dict]) -> dict:
+    best = best_per_optimizer(rows)
+    base = best.get(VARIANT_OF)
+    variants = {r["variant"]: {"learning_rate": r["learning_rate"], "weight_decay": r["weight_decay"],
+                               "final_train_loss": r["final_train_loss"],
+                               "final_val_loss": r["final_val_loss"],
+                               "val_loss_change": r["final_val_loss"] - base["final_val_loss"]}
+                for r in rows if r.get("variant") and base is not None}
+    return {"best": best, "variants": variants}
+
+
+def _train_missing(plan: list[dict], rows: list[dict], out: Path, seed: int, max_iters: int,
+                   workers: int) -> dict:
+    """Train the runs of ``plan`` not yet in ``rows``, rewriting ``out`` after each."""
+    if workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    done = {run_key(r) for r in rows}
+    plan = [row for row in plan if run_key(row) not in done]
     env = environment("cpu")
     config = {"grid": {name: {str(wd): list(lrs) for wd, lrs in grid.items()}
                        for name, grid in GRID.items()},
-              "optimizer_hparams": OPTIMIZER_HPARAMS, "max_iters": max_iters,
+              "optimizer_hparams": OPTIMIZER_HPARAMS, "variants": VARIANTS,
+              "variant_of": VARIANT_OF, "max_iters": max_iters,
               "base": {k: v for k, v in vars(TrainConfig()).items()
                        if k not in ("out_dir", "resume", "optimizer_hparams")}}
-
     total = len(rows) + len(plan)
 
     def finished(row: dict, measured: dict) -> None:
         rows.append({**row, "git_commit": env["git_commit"], "git_dirty": env["git_dirty"],
                      **measured})
         document = results_document("lr_sweep", "full", env, [seed], config, rows)
-        document["summary"] = {"best": best_per_optimizer(rows)}
+        document["summary"] = summary(rows)
         write_json(out, document)
-        log.info("%d/%d runs done: %s, lr %g, weight decay %g: val loss %.4f", len(rows), total,
-                 row["optimizer"], row["learning_rate"], row["weight_decay"],
-                 measured["final_val_loss"])
+        log.info("%d/%d runs done: %s%s, lr %g, weight decay %g: val loss %.4f", len(rows), total,
+                 row["optimizer"], f" ({row['variant']})" if row.get("variant") else "",
+                 row["learning_rate"], row["weight_decay"], measured["final_val_loss"])
 
     args = [(r["optimizer"], r["learning_rate"], r["weight_decay"], r["optimizer_hparams"],
-             seed, max_iters) for r in plan]
+             seed, max_iters, r.get("train_overrides")) for r in plan]
     if workers == 1:
         for row, arg in zip(plan, args):
             log.info("training %s, lr %g, weight decay %g", *arg[:3])
@@ -139,6 +188,8 @@ def sweep(optimizers: Sequence[str], out: Path, max_iters: int, seed: int,
             futures = {pool.submit(run_one, *arg, threads): row for row, arg in zip(plan, args)}
             for future in as_completed(futures):
                 finished(futures[future], future.result())
+    if not out.exists():
+        raise ValueError("nothing to train and no results file yet")
     return read_results(out)
 
 
@@ -151,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weight-decays", default=None,
                         help="comma-separated weight decays instead of the grid's (each with the "
                              "grid's lrs for it, or its main lrs)")
+    parser.add_argument("--variants", default=None,
+                        help=f"instead of the grid, train these AdamSN ablations (comma-separated, "
+                             f"from {', '.join(VARIANTS)}, or 'all') at AdamSN's best grid point")
     parser.add_argument("--max-iters", type=int, default=2000, help="(default: 2000)")
     parser.add_argument("--seed", type=int, default=1337, help="(default: 1337)")
     parser.add_argument("--workers", type=int, default=1,
@@ -171,8 +225,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError:
             raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
 
-    document = sweep(optimizers, args.out, args.max_iters, args.seed,
-                     floats(args.lrs, "--lrs"), floats(args.weight_decays, "--weight-decays"), args.workers)
+    if args.variants is not None:
+        variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+        document = ablate(variants, args.out, args.max_iters, args.seed, args.workers)
+    else:
+        document = sweep(optimizers, args.out, args.max_iters, args.seed, floats(args.lrs, "--lrs"),
+                         floats(args.weight_decays, "--weight-decays"), args.workers)
     print(json.dumps(document["summary"], indent=2))
     return 0
 

@@ -180,10 +180,19 @@ def sweep_table(sweep: dict) -> str:
     lines = ["| optimizer | runs | best lr | its weight decay | final train loss | final val loss |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, b in best.items():
-        runs = sum(r["optimizer"] == name for r in sweep["rows"])
+        runs = sum(r["optimizer"] == name and not r.get("variant") for r in sweep["rows"])
         lines.append(f"| {OPTIMIZER_LABELS[name]} | {runs} | {b['learning_rate']:g} | "
                      f"{b['weight_decay']:g} | {b['final_train_loss']:.4f} | "
                      f"{b['final_val_loss']:.4f} |")
+    variants = sweep["summary"].get("variants")
+    if variants:
+        base = OPTIMIZER_LABELS[sweep["config"]["variant_of"]]
+        lines += ["", f"{base} changed one thing at a time, at its best grid point above:", "",
+                  "| change | final train loss | final val loss | val loss vs the grid's best |",
+                  "| --- | ---: | ---: | ---: |"]
+        for name, v in variants.items():
+            lines.append(f"| `{name}` | {v['final_train_loss']:.4f} | {v['final_val_loss']:.4f} | "
+                         f"{v['val_loss_change']:+.4f} |")
     return "\n".join(lines)
 
 
@@ -373,7 +382,7 @@ def loss_vs_state_figure(plt, training: dict):
 
 
 def lr_sweep_figure(plt, sweep: dict):
-    rows = sweep["rows"]
+    rows = [r for r in sweep["rows"] if not r.get("variant")]
     fig, ax = plt.subplots(figsize=(9, 4))
     styles = {0.0: "-", 0.01: ":", 0.1: "--"}
     for name in dict.fromkeys(r["optimizer"] for r in rows):

@@ -47,3 +47,22 @@ def test_workers_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="workers"):
         lr_sweep.sweep(["adamw"], tmp_path / "x.json", max_iters=3, seed=1, workers=0)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_ablations_run_at_the_best_grid_point_and_stay_out_of_the_best(tmp_path):
+    out = tmp_path / "lr_sweep.json"
+    with pytest.raises(ValueError, match="run the sweep with --optimizers adamsn first"):
+        lr_sweep.ablate(["warmup-200"], out, max_iters=3, seed=1)
+    lr_sweep.sweep(["adamsn"], out, max_iters=3, seed=1, lrs=[1e-3, 1e-2], weight_decays=[0.0])
+    best = read_results(out)["summary"]["best"]["adamsn"]
+    with pytest.raises(ValueError, match="unknown variant"):
+        lr_sweep.ablate(["no-such-thing"], out, max_iters=3, seed=1)
+    document = lr_sweep.ablate(["tied-per-element", "warmup-200"], out, max_iters=3, seed=1)
+    ablations = [r for r in document["rows"] if r.get("variant")]
+    assert [r["variant"] for r in ablations] == ["tied-per-element", "warmup-200"]
+    assert all(r["learning_rate"] == best["learning_rate"] for r in ablations)
+    assert ablations[0]["optimizer_hparams"] == {"tied_weight_as_linear": False}
+    assert ablations[1]["train_overrides"] == {"warmup_iters": 200}
+    assert document["summary"]["best"]["adamsn"] == best
+    change = document["summary"]["variants"]["warmup-200"]["val_loss_change"]
+    assert change == pytest.approx(ablations[1]["final_val_loss"] - best["final_val_loss"])
