@@ -121,9 +121,19 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZER_NAMES:
             raise ValueError(f"TrainConfig.optimizer must be one of {', '.join(OPTIMIZER_NAMES)}, "
                              f"got {self.optimizer!r}")
+        if self.device_type() not in ("cpu", "cuda"):
+            raise ValueError(f"TrainConfig.device must be 'cpu', 'cuda' or 'cuda:N', "
+                             f"got {self.device!r}")
         if self.resume and self.out_dir is None:
             raise ValueError("TrainConfig.resume needs out_dir, the directory holding the checkpoint")
         self.model_config(vocab_size=1)  # checks the model fields now, before any work
+
+    def device_type(self) -> str | None:
+        """``cpu`` or ``cuda`` (or another torch device type), or None if not a device string."""
+        try:
+            return torch.device(self.device).type
+        except (RuntimeError, TypeError):
+            return None
 
     @property
     def final_lr(self) -> float:
@@ -210,6 +220,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     group (unless the caller already holds one) and leaves it on return or error; every
     rank returns the same result, with rank 0's timings and evaluations.
     """
+    if cfg.device_type() == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"TrainConfig.device is {cfg.device!r}, but torch sees no GPU "
+                           f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
+                           "install a CUDA build of torch or use device='cpu'")
     with distributed.process_group(torch.device(cfg.device).type):
         device = distributed.local_device(torch.device(cfg.device))
         cuda_devices = [device] if device.type == "cuda" else []

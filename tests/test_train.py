@@ -113,7 +113,17 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     (dict(n_kv_head=3), "n_kv_head"),
     (dict(resume=True), "out_dir"),
     (dict(warmup_iters=100, lr_decay_iters=50), "lr_decay_iters"),
+    (dict(device="foo"), "device must be 'cpu', 'cuda' or 'cuda:N', got 'foo'"),
+    (dict(device="cuda:x"), "device"),
+    (dict(device="meta"), "device"),
 ])
 def test_bad_train_config_names_the_field(fields, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**fields)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_device_without_a_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match="torch sees no GPU"):
+        train(TrainConfig(**TINY, device="cuda", out_dir=str(tmp_path)))
+    assert not any(tmp_path.iterdir())  # nothing written
