@@ -118,13 +118,24 @@ def sample_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("training")
 
 
+def threads_per_job(jobs: int, workers: int, cores: int) -> list[int]:
+    """Each job's share of the cores: ``cores // workers``, except for a last round with
+    fewer jobs than workers (3 equal runs on 2 workers: the third runs alone, on both cores).
+    """
+    last_round = jobs % workers
+    return [max(1, cores // (last_round if last_round and k >= jobs - last_round else workers))
+            for k in range(jobs)]
+
+
 @pytest.fixture(scope="module")
 def parallel_runs(request, device, profile, seeds, sample_root):
     """With ``--train-workers N`` > 1: every selected run of the profile, submitted at once
-    to N worker processes (longest first), as {(label, seed): future}; else None.
+    to N worker processes (longest first), as {(label, seed): (future, torch threads)};
+    else None.
 
     Losses do not depend on it beyond float rounding; each row's ms/iter and tokens/s are
-    then those of a run sharing the CPU with N - 1 others (``concurrent_runs`` says so).
+    then those of a run sharing the CPU with N - 1 others (``concurrent_runs`` says so, and
+    ``torch_threads`` gives the run's threads: see :func:`threads_per_job`).
     """
     workers = request.config.getoption("--train-workers")
     if workers == 1:
@@ -134,13 +145,13 @@ def parallel_runs(request, device, profile, seeds, sample_root):
               if item.module is request.module and profile in RUNS[item.callspec.params["label"]].profiles]
     jobs = [(label, seed) for label in labels for seed in seeds_of(RUNS[label], seeds)]
     jobs.sort(key=lambda job: RUNS[job[0]].dataset == "char")  # BPE runs are the long ones
-    threads = max(1, torch.get_num_threads() // workers)
+    threads = threads_per_job(len(jobs), workers, torch.get_num_threads())
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {(label, seed): pool.submit(
-            train_with_threads, config_of(label, seed, seeds, profile, device, sample_root), threads)
-            for label, seed in jobs}
+        futures = {(label, seed): (pool.submit(
+            train_with_threads, config_of(label, seed, seeds, profile, device, sample_root),
+            job_threads), job_threads) for (label, seed), job_threads in zip(jobs, threads)}
         yield futures
-        for future in futures.values():
+        for future, _ in futures.values():
             future.cancel()
 
 
@@ -159,19 +170,22 @@ def train_and_record(benchmark, record, request, device, profile, seeds, label, 
     if profile not in run.profiles:
         pytest.skip(f"runs in the {' and '.join(run.profiles)} profiles: use --profile full")
     run_seeds = seeds_of(run, seeds)
-    results = []
+    results, threads = [], []
 
     def run_all_seeds():
         for seed in run_seeds:
             if parallel_runs is None:
                 results.append(train(config_of(label, seed, seeds, profile, device, sample_root)))
+                threads.append(torch.get_num_threads())
             else:
-                results.append(parallel_runs[(label, seed)].result())
+                future, job_threads = parallel_runs[(label, seed)]
+                results.append(future.result())
+                threads.append(job_threads)
 
     benchmark.pedantic(run_all_seeds, rounds=1, iterations=1)
     sample = sample_text(sample_root / label, device=device.type, **SAMPLE)[0]
     hparams = hparams_of(run)
-    for seed, result in zip(run_seeds, results):
+    for seed, result, run_threads in zip(run_seeds, results, threads):
         assert result.final_val_loss < result.evals[0]["val_loss"], "training did not learn"
         record(label=label, optimizer=run.optimizer, n_head=result.config["n_head"],
                n_kv_head=run.n_kv_head or result.config["n_head"], dataset=run.dataset,
@@ -182,6 +196,7 @@ def train_and_record(benchmark, record, request, device, profile, seeds, label, 
                median_ms_per_iter=result.median_ms_per_iter, tokens_per_s=result.tokens_per_s,
                optimizer_state_bytes=result.optimizer_state_bytes, n_params=result.n_params,
                concurrent_runs=request.config.getoption("--train-workers"),
+               torch_threads=run_threads,
                sample=sample if seed == run_seeds[0] else None, median_s=None, rounds=None)
 
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from memeff.results import read_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,3 +62,16 @@ def test_interrupted_bench_leaves_previous_results(tmp_path):
     assert "no results written" in result.stdout
     assert sorted(p.name for p in results.iterdir()) == ["kv_cache.json"]
     assert json.loads((results / "kv_cache.json").read_text()) == {"previous": True}
+
+
+@pytest.mark.parametrize("jobs, workers, cores, expected", [
+    (30, 2, 2, [1] * 30),  # the char runs: two at a time on a core each
+    (3, 2, 2, [1, 1, 2]),  # the BPE runs: the third runs alone, on both cores
+    (1, 2, 2, [2]),
+    (5, 2, 8, [4, 4, 4, 4, 8]),
+    (4, 3, 2, [1, 1, 1, 2]),
+])
+def test_training_jobs_share_the_cores(jobs, workers, cores, expected):
+    from bench.test_training import threads_per_job
+
+    assert threads_per_job(jobs, workers, cores) == expected
