@@ -7,11 +7,15 @@ writes nothing, so the previous files stay as they were.
 
 A run of the ``quick`` or ``default`` profile never replaces a published ``full`` file:
 it writes ``<suite>.<profile>.json`` beside it instead, unless ``--overwrite-published``.
+A ``full`` run of part of a suite (``-k``, ``--deselect``, node ids) writes
+``<suite>.partial.json``, so that ``<suite>.json`` in the ``full`` profile always holds a
+whole suite.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -41,7 +45,8 @@ def pytest_addoption(parser):
                          "threads (default: 1; on a 2-core CPU 2 finish a suite ~1.4x sooner, "
                          "and each run's ms/iter is then that of a shared CPU)")
     group.addoption("--overwrite-published", action="store_true",
-                    help="let a quick or default run replace published full-profile files")
+                    help="let a quick or default run, or a full run of part of a suite, "
+                         "replace published full-profile files")
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -68,6 +73,16 @@ class Recorder:
         self.rows: dict[str, list[dict]] = {}
         self.modules: dict[str, object] = {}
         self.failed: set[str] = set()
+        self.partial: set[str] = set()  # suites of which some tests were not selected
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_collection_modifyitems(self, session, config, items):
+        collected = Counter(suite_of(item.path) for item in items)
+        yield  # -k, -m and --deselect drop items here
+        selected = Counter(suite_of(item.path) for item in items)
+        self.partial = {suite for suite in collected if selected[suite] < collected[suite]}
+        # a node id on the command line (bench/test_x.py::test_y[id]) collects part of a module
+        self.partial |= {suite_of(arg.split("::")[0]) for arg in config.args if "::" in arg}
 
     def pytest_runtest_logreport(self, report):
         if report.failed:
@@ -92,9 +107,10 @@ class Recorder:
                                         module.suite_config(profile), rows)
             if hasattr(module, "summarize"):
                 document["summary"] = module.summarize(rows)
-            path = results_path(self.config, suite)
+            path = results_path(self.config, suite, partial=suite in self.partial)
             write_json(path, document)
-            say(f"memeff: wrote {path}")
+            say(f"memeff: wrote {path}" + (" (not every test of the suite ran)"
+                                            if suite in self.partial else ""))
 
 
 def seeds_for(config) -> list[int]:
@@ -152,11 +168,13 @@ def record(request, benchmark):
     return add
 
 
-def results_path(config, suite: str) -> Path:
+def results_path(config, suite: str, partial: bool = False) -> Path:
     device = config.memeff_device
     directory = config.getoption("--results-dir") or REPO_ROOT / "results" / device.type
     path = Path(directory) / f"{suite}.json"
     profile = config.getoption("--profile")
+    if profile == "full" and partial and not config.getoption("--overwrite-published"):
+        return path.with_name(f"{suite}.partial.json")
     if profile != "full" and path.is_file() and not config.getoption("--overwrite-published"):
         try:
             published = read_results(path)["profile"] == "full"

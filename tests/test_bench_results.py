@@ -49,6 +49,17 @@ def test_bench_writes_results_then_protects_published_ones(tmp_path):
     assert read_results(tmp_path / "kv_cache.quick.json")["profile"] == "quick"
 
 
+def test_full_run_of_part_of_a_suite_never_writes_the_published_name(tmp_path):
+    published = tmp_path / "kv_cache.json"
+    published.write_text('{"previous": true}')
+    result = run_bench(tmp_path, "--profile", "full")  # -k model_shape: part of the suite
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(published.read_text()) == {"previous": True}
+    partial = read_results(tmp_path / "kv_cache.partial.json")
+    assert partial["profile"] == "full" and len(partial["rows"]) == 4
+    assert "not every test of the suite ran" in result.stdout
+
+
 def test_interrupted_bench_leaves_previous_results(tmp_path):
     plugin_dir = tmp_path / "plugin"
     plugin_dir.mkdir()
