@@ -1,12 +1,17 @@
-"""Helpers the benchmark suites share: profiles, synchronized timing, SDPA backend names."""
+"""Helpers the benchmark suites share: profiles, synchronized timing, SDPA backend names,
+worker processes for training runs."""
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import multiprocessing.pool
 import os
+import signal
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -164,3 +169,25 @@ def use_shared_copies(shared: os.PathLike) -> None:
         os.environ["MEMEFF_DATA_DIR"] = str(shared / "data")
     if "TIKTOKEN_CACHE_DIR" not in os.environ and (shared / "tiktoken_cache").is_dir():
         os.environ["TIKTOKEN_CACHE_DIR"] = str(shared / "tiktoken_cache")
+
+
+def _leave_interrupts_to_the_parent() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[multiprocessing.pool.Pool]:
+    """``workers`` spawned processes for training runs; leaving the block stops them.
+
+    Collect every result inside the block: on the way out (finished, failed, or Ctrl-C)
+    runs still going are killed rather than awaited, so an interrupted suite stops at once.
+    The workers ignore Ctrl-C themselves (the terminal sends it to them too), which leaves
+    it to the parent.
+    """
+    context = multiprocessing.get_context("spawn")
+    pool = context.Pool(workers, initializer=_leave_interrupts_to_the_parent)
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+        pool.join()

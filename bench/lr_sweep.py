@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from bench.common import worker_pool
 from memeff import cli
 from memeff.optim import OPTIMIZER_NAMES
 from memeff.results import environment, read_results, results_document, write_json
@@ -94,6 +93,12 @@ def run_one(name: str, lr: float, wd: float, hparams: dict, seed: int, max_iters
             "evals": result.evals, "median_ms_per_iter": result.median_ms_per_iter,
             "optimizer_state_bytes": result.optimizer_state_bytes,
             "torch_threads": torch.get_num_threads()}
+
+
+def _run_numbered(job: tuple[int, tuple]) -> tuple[int, dict]:
+    """``run_one`` in a worker process, with the job's number to match it to its row."""
+    index, args = job
+    return index, run_one(*args)
 
 
 def sweep(optimizers: Sequence[str], out: Path, max_iters: int, seed: int,
@@ -183,11 +188,10 @@ def _train_missing(plan: list[dict], rows: list[dict], out: Path, seed: int, max
             finished(row, run_one(*arg))
     else:
         threads = max(1, torch.get_num_threads() // workers)
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = {pool.submit(run_one, *arg, threads): row for row, arg in zip(plan, args)}
-            for future in as_completed(futures):
-                finished(futures[future], future.result())
+        with worker_pool(workers) as pool:
+            jobs = [(index, arg + (threads,)) for index, arg in enumerate(args)]
+            for index, measured in pool.imap_unordered(_run_numbered, jobs):
+                finished(plan[index], measured)
     if not out.exists():
         raise ValueError("nothing to train and no results file yet")
     return read_results(out)

@@ -8,15 +8,14 @@ and spread (max - min) over seeds.
 
 from __future__ import annotations
 
-import multiprocessing
 import statistics
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import torch
 
+from bench.common import worker_pool
 from memeff.sample import sample_text
 from memeff.train import TrainConfig, TrainResult, train
 
@@ -130,7 +129,7 @@ def threads_per_job(jobs: int, workers: int, cores: int) -> list[int]:
 @pytest.fixture(scope="module")
 def parallel_runs(request, device, profile, seeds, sample_root):
     """With ``--train-workers N`` > 1: every selected run of the profile, submitted at once
-    to N worker processes (longest first), as {(label, seed): (future, torch threads)};
+    to N worker processes (longest first), as {(label, seed): (AsyncResult, torch threads)};
     else None.
 
     Losses do not depend on it beyond float rounding; each row's ms/iter and tokens/s are
@@ -146,13 +145,10 @@ def parallel_runs(request, device, profile, seeds, sample_root):
     jobs = [(label, seed) for label in labels for seed in seeds_of(RUNS[label], seeds)]
     jobs.sort(key=lambda job: RUNS[job[0]].dataset == "char")  # BPE runs are the long ones
     threads = threads_per_job(len(jobs), workers, torch.get_num_threads())
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {(label, seed): (pool.submit(
-            train_with_threads, config_of(label, seed, seeds, profile, device, sample_root),
-            job_threads), job_threads) for (label, seed), job_threads in zip(jobs, threads)}
-        yield futures
-        for future, _ in futures.values():
-            future.cancel()
+    with worker_pool(workers) as pool:  # every test has its results by the teardown
+        yield {(label, seed): (pool.apply_async(train_with_threads, (
+            config_of(label, seed, seeds, profile, device, sample_root), job_threads)), job_threads)
+            for (label, seed), job_threads in zip(jobs, threads)}
 
 
 @pytest.mark.benchmark(group="training")
@@ -178,8 +174,8 @@ def train_and_record(benchmark, record, request, device, profile, seeds, label, 
                 results.append(train(config_of(label, seed, seeds, profile, device, sample_root)))
                 threads.append(torch.get_num_threads())
             else:
-                future, job_threads = parallel_runs[(label, seed)]
-                results.append(future.result())
+                pending, job_threads = parallel_runs[(label, seed)]
+                results.append(pending.get())
                 threads.append(job_threads)
 
     benchmark.pedantic(run_all_seeds, rounds=1, iterations=1)

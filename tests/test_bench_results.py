@@ -86,3 +86,20 @@ def test_training_jobs_share_the_cores(jobs, workers, cores, expected):
     from bench.test_training import threads_per_job
 
     assert threads_per_job(jobs, workers, cores) == expected
+
+
+def test_interrupted_worker_pool_stops_its_runs_at_once():
+    import time
+
+    from bench.common import worker_pool
+
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with worker_pool(2) as pool:
+            runs = [pool.apply_async(time.sleep, (120,)) for _ in range(3)]
+            processes = list(pool._pool)
+            time.sleep(1)  # the runs are going
+            raise KeyboardInterrupt
+    assert time.monotonic() - start < 60
+    assert not any(p.is_alive() for p in processes)
+    assert not any(run.ready() and run.successful() for run in runs)
