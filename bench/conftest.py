@@ -44,6 +44,10 @@ def pytest_addoption(parser):
                     help="training runs at once, each in its own process with a share of the "
                          "threads (default: 1; on a 2-core CPU 2 finish a suite ~1.4x sooner, "
                          "and each run's ms/iter is then that of a shared CPU)")
+    group.addoption("--runs-dir", default=None,
+                    help="keep each training run's checkpoint and result here, and pick up "
+                         "what an earlier, interrupted session left there (default: a "
+                         "scratch dir, so every session trains from scratch)")
     group.addoption("--overwrite-published", action="store_true",
                     help="let a quick or default run, or a full run of part of a suite, "
                          "replace published full-profile files")

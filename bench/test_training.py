@@ -8,6 +8,8 @@ and spread (max - min) over seeds.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import statistics
 from pathlib import Path
 from typing import NamedTuple
@@ -17,7 +19,8 @@ import torch
 
 from bench.common import worker_pool
 from memeff.sample import sample_text
-from memeff.train import TrainConfig, TrainResult, train
+from memeff.train import (CHECKPOINT_NAME, RESULT_NAME, RESUME_MAY_CHANGE, TrainConfig,
+                          TrainResult, train)
 
 # Peak lr and weight decay per optimizer; the schedule (100 warmup iterations, cosine to
 # lr/10) and everything else is nanoGPT's baby config. Each value is the best final val
@@ -94,27 +97,49 @@ def seeds_of(run: Run, seeds: list[int]) -> list[int]:
     return seeds[:run.max_seeds] if run.max_seeds else seeds
 
 
-def config_of(label: str, seed: int, seeds: list[int], profile: str, device: torch.device,
-              sample_root: Path) -> TrainConfig:
-    """A run's config; the first seed keeps checkpoints under ``sample_root`` for its sample."""
+def run_dir(runs_root: Path, label: str, seed: int) -> Path:
+    return runs_root / label / f"seed-{seed}"
+
+
+def config_of(label: str, seed: int, profile: str, device: torch.device,
+              runs_root: Path) -> TrainConfig:
+    """A run's config; it keeps its checkpoint and result under ``runs_root``."""
     run = RUNS[label]
     max_iters, eval_interval = ITERATIONS[profile]
-    out_dir = str(sample_root / label) if seed == seeds[0] else None
+    out_dir = str(run_dir(runs_root, label, seed))
     return TrainConfig(optimizer=run.optimizer, n_kv_head=run.n_kv_head, dataset=run.dataset,
                        seed=seed, max_iters=max_iters, eval_interval=eval_interval,
                        log_interval=max_iters, device=device.type, out_dir=out_dir,
                        **hparams_of(run))
 
 
-def train_with_threads(cfg: TrainConfig, threads: int) -> TrainResult:
-    """One run in a worker process, with its share of the CPU threads."""
-    torch.set_num_threads(threads)
+def train_or_resume(cfg: TrainConfig) -> TrainResult:
+    """Train ``cfg``, picking up what an earlier session left in its ``out_dir`` (with
+    ``--runs-dir``): a finished run's result is reused, a checkpoint is resumed."""
+    out = Path(cfg.out_dir)
+    if (out / RESULT_NAME).is_file():
+        saved = json.loads((out / RESULT_NAME).read_text(encoding="utf-8"))
+        ours = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        if any(saved["config"].get(k) != v for k, v in ours.items() if k not in RESUME_MAY_CHANGE):
+            raise ValueError(f"{out / RESULT_NAME} is a run with another configuration; "
+                             f"remove {out} or use another --runs-dir")
+        return TrainResult(**saved)
+    if (out / CHECKPOINT_NAME).is_file():
+        cfg = dataclasses.replace(cfg, resume=True)
     return train(cfg)
 
 
+def train_with_threads(cfg: TrainConfig, threads: int) -> TrainResult:
+    """One run in a worker process, with its share of the CPU threads."""
+    torch.set_num_threads(threads)
+    return train_or_resume(cfg)
+
+
 @pytest.fixture(scope="module")
-def sample_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("training")
+def runs_root(request, tmp_path_factory) -> Path:
+    """Where each run keeps its checkpoint and result: ``--runs-dir``, or a scratch dir."""
+    chosen = request.config.getoption("--runs-dir")
+    return Path(chosen) if chosen else tmp_path_factory.mktemp("training")
 
 
 def threads_per_job(jobs: int, workers: int, cores: int) -> list[int]:
@@ -127,7 +152,7 @@ def threads_per_job(jobs: int, workers: int, cores: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def parallel_runs(request, device, profile, seeds, sample_root):
+def parallel_runs(request, device, profile, seeds, runs_root):
     """With ``--train-workers N`` > 1: every selected run of the profile, submitted at once
     to N worker processes (longest first), as {(label, seed): (AsyncResult, torch threads)};
     else None.
@@ -147,19 +172,19 @@ def parallel_runs(request, device, profile, seeds, sample_root):
     threads = threads_per_job(len(jobs), workers, torch.get_num_threads())
     with worker_pool(workers) as pool:  # every test has its results by the teardown
         yield {(label, seed): (pool.apply_async(train_with_threads, (
-            config_of(label, seed, seeds, profile, device, sample_root), job_threads)), job_threads)
+            config_of(label, seed, profile, device, runs_root), job_threads)), job_threads)
             for (label, seed), job_threads in zip(jobs, threads)}
 
 
 @pytest.mark.benchmark(group="training")
 @pytest.mark.parametrize("label", [label for label, run in RUNS.items() if run.dataset == "char"])
-def test_training(benchmark, record, request, device, profile, seeds, label, sample_root,
+def test_training(benchmark, record, request, device, profile, seeds, label, runs_root,
                   parallel_runs):
-    train_and_record(benchmark, record, request, device, profile, seeds, label, sample_root,
+    train_and_record(benchmark, record, request, device, profile, seeds, label, runs_root,
                      parallel_runs)
 
 
-def train_and_record(benchmark, record, request, device, profile, seeds, label, sample_root,
+def train_and_record(benchmark, record, request, device, profile, seeds, label, runs_root,
                      parallel_runs):
     """Train ``label``'s seeds (or collect them from the worker pool) and record a row each."""
     run = RUNS[label]
@@ -171,7 +196,7 @@ def train_and_record(benchmark, record, request, device, profile, seeds, label, 
     def run_all_seeds():
         for seed in run_seeds:
             if parallel_runs is None:
-                results.append(train(config_of(label, seed, seeds, profile, device, sample_root)))
+                results.append(train_or_resume(config_of(label, seed, profile, device, runs_root)))
                 threads.append(torch.get_num_threads())
             else:
                 pending, job_threads = parallel_runs[(label, seed)]
@@ -179,7 +204,7 @@ def train_and_record(benchmark, record, request, device, profile, seeds, label, 
                 threads.append(job_threads)
 
     benchmark.pedantic(run_all_seeds, rounds=1, iterations=1)
-    sample = sample_text(sample_root / label, device=device.type, **SAMPLE)[0]
+    sample = sample_text(run_dir(runs_root, label, run_seeds[0]), device=device.type, **SAMPLE)[0]
     hparams = hparams_of(run)
     for seed, result, run_threads in zip(run_seeds, results, threads):
         assert result.final_val_loss < result.evals[0]["val_loss"], "training did not learn"
@@ -192,7 +217,7 @@ def train_and_record(benchmark, record, request, device, profile, seeds, label, 
                median_ms_per_iter=result.median_ms_per_iter, tokens_per_s=result.tokens_per_s,
                optimizer_state_bytes=result.optimizer_state_bytes, n_params=result.n_params,
                concurrent_runs=request.config.getoption("--train-workers"),
-               torch_threads=run_threads,
+               torch_threads=run_threads, iters_timed=result.iters_run,
                sample=sample if seed == run_seeds[0] else None, median_s=None, rounds=None)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from bench.test_training import (  # noqa: F401 (module fixtures pytest must see here)
-    RUNS, parallel_runs, sample_root, summarize, train_and_record)
+    RUNS, parallel_runs, runs_root, summarize, train_and_record)
 from bench.test_training import suite_config as _suite_config
 
 
@@ -21,7 +21,7 @@ def suite_config(profile: str) -> dict:
 
 @pytest.mark.benchmark(group="training (GPT-2 BPE)")
 @pytest.mark.parametrize("label", [label for label, run in RUNS.items() if run.dataset == "bpe"])
-def test_training_bpe(benchmark, record, request, device, profile, seeds, label, sample_root,
+def test_training_bpe(benchmark, record, request, device, profile, seeds, label, runs_root,
                       parallel_runs):
-    train_and_record(benchmark, record, request, device, profile, seeds, label, sample_root,
+    train_and_record(benchmark, record, request, device, profile, seeds, label, runs_root,
                      parallel_runs)

@@ -103,3 +103,38 @@ def test_interrupted_worker_pool_stops_its_runs_at_once():
     assert time.monotonic() - start < 60
     assert not any(p.is_alive() for p in processes)
     assert not any(run.ready() and run.successful() for run in runs)
+
+
+def test_training_runs_pick_up_where_an_interrupted_session_stopped(tmp_path, monkeypatch):
+    import dataclasses
+
+    from bench import test_training as suite
+    from memeff import train as train_module
+    from memeff.train import TrainConfig, train
+
+    tiny = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32, batch_size=8,
+                eval_iters=2, warmup_iters=5, log_interval=1000, max_iters=40, eval_interval=10)
+    cfg = TrainConfig(**tiny, out_dir=str(tmp_path / "run"))
+    uninterrupted = train(TrainConfig(**tiny))
+
+    real_estimate, calls = train_module.estimate_loss, []
+
+    def interrupt_at_iteration_30(*args):
+        calls.append(1)
+        if len(calls) == 4:  # evaluations at 0, 10, 20 have run and been checkpointed
+            raise KeyboardInterrupt
+        return real_estimate(*args)
+
+    monkeypatch.setattr(train_module, "estimate_loss", interrupt_at_iteration_30)
+    with pytest.raises(KeyboardInterrupt):
+        suite.train_or_resume(cfg)
+    monkeypatch.setattr(train_module, "estimate_loss", real_estimate)
+
+    resumed = suite.train_or_resume(cfg)  # from the checkpoint at iteration 20
+    assert resumed.iters_run == 20
+    assert resumed.evals == uninterrupted.evals
+
+    monkeypatch.setattr(suite, "train", lambda cfg: pytest.fail("a finished run was retrained"))
+    assert suite.train_or_resume(cfg) == resumed  # its result.json, reused
+    with pytest.raises(ValueError, match="another configuration"):
+        suite.train_or_resume(dataclasses.replace(cfg, learning_rate=5e-3))
