@@ -23,3 +23,26 @@ def real_text() -> bytes:
     from memeff.data import tiny_shakespeare_path
 
     return tiny_shakespeare_path().read_bytes()
+
+
+@pytest.fixture
+def interrupt_at_eval(monkeypatch):
+    """``arm(n)`` makes train()'s n-th evaluation raise KeyboardInterrupt, as Ctrl-C would;
+    ``arm`` returns a function that puts the real evaluation back."""
+    from memeff import train as train_module
+
+    real_estimate = train_module.estimate_loss
+
+    def arm(n: int):
+        calls = []
+
+        def estimate(*args):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real_estimate(*args)
+
+        monkeypatch.setattr(train_module, "estimate_loss", estimate)
+        return lambda: monkeypatch.setattr(train_module, "estimate_loss", real_estimate)
+
+    return arm

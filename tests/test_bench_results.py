@@ -105,11 +105,11 @@ def test_interrupted_worker_pool_stops_its_runs_at_once():
     assert not any(run.ready() and run.successful() for run in runs)
 
 
-def test_training_runs_pick_up_where_an_interrupted_session_stopped(tmp_path, monkeypatch):
+def test_training_runs_pick_up_where_an_interrupted_session_stopped(tmp_path, monkeypatch,
+                                                                   interrupt_at_eval):
     import dataclasses
 
     from bench import test_training as suite
-    from memeff import train as train_module
     from memeff.train import TrainConfig, train
 
     tiny = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32, batch_size=8,
@@ -117,18 +117,10 @@ def test_training_runs_pick_up_where_an_interrupted_session_stopped(tmp_path, mo
     cfg = TrainConfig(**tiny, out_dir=str(tmp_path / "run"))
     uninterrupted = train(TrainConfig(**tiny))
 
-    real_estimate, calls = train_module.estimate_loss, []
-
-    def interrupt_at_iteration_30(*args):
-        calls.append(1)
-        if len(calls) == 4:  # evaluations at 0, 10, 20 have run and been checkpointed
-            raise KeyboardInterrupt
-        return real_estimate(*args)
-
-    monkeypatch.setattr(train_module, "estimate_loss", interrupt_at_iteration_30)
+    disarm = interrupt_at_eval(4)  # evaluations at 0, 10, 20 have run and been checkpointed
     with pytest.raises(KeyboardInterrupt):
         suite.train_or_resume(cfg)
-    monkeypatch.setattr(train_module, "estimate_loss", real_estimate)
+    disarm()
 
     resumed = suite.train_or_resume(cfg)  # from the checkpoint at iteration 20
     assert resumed.iters_run == 20

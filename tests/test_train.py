@@ -56,23 +56,14 @@ def test_same_seed_gives_identical_losses_and_leaves_global_rng_alone():
     assert other.evals != first.evals
 
 
-def test_interrupted_run_resumes_on_the_same_trajectory(tmp_path, monkeypatch):
+def test_interrupted_run_resumes_on_the_same_trajectory(tmp_path, interrupt_at_eval):
     cfg = dict(TINY, max_iters=40, eval_interval=10, dropout=0.1)
     uninterrupted = train(TrainConfig(**cfg))
 
-    real_estimate = train_module.estimate_loss
-    calls = []
-
-    def interrupt_at_iteration_30(*args):
-        calls.append(1)
-        if len(calls) == 4:  # evaluations at 0, 10, 20 have run and been checkpointed
-            raise KeyboardInterrupt
-        return real_estimate(*args)
-
-    monkeypatch.setattr(train_module, "estimate_loss", interrupt_at_iteration_30)
+    disarm = interrupt_at_eval(4)  # evaluations at 0, 10, 20 have run and been checkpointed
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(**cfg, out_dir=str(tmp_path)))
-    monkeypatch.setattr(train_module, "estimate_loss", real_estimate)
+    disarm()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporaries left
 
     resumed = train(TrainConfig(**cfg, out_dir=str(tmp_path), resume=True))
