@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import memeff.train as train_module
 from memeff.train import TrainConfig, lr_at, train
 
 TINY = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32, batch_size=8,
