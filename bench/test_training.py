@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import statistics
 from pathlib import Path
 from typing import NamedTuple
@@ -109,13 +110,16 @@ def config_of(label: str, seed: int, profile: str, device: torch.device,
     out_dir = str(run_dir(runs_root, label, seed))
     return TrainConfig(optimizer=run.optimizer, n_kv_head=run.n_kv_head, dataset=run.dataset,
                        seed=seed, max_iters=max_iters, eval_interval=eval_interval,
-                       log_interval=max_iters, device=device.type, out_dir=out_dir,
+                       log_interval=eval_interval, device=device.type, out_dir=out_dir,
                        **hparams_of(run))
 
 
 def train_or_resume(cfg: TrainConfig) -> TrainResult:
     """Train ``cfg``, picking up what an earlier session left in its ``out_dir`` (with
-    ``--runs-dir``): a finished run's result is reused, a checkpoint is resumed."""
+    ``--runs-dir``): a finished run's result is reused, a checkpoint is resumed.
+
+    The run's progress lines (one per evaluation) go to ``train.log`` in its ``out_dir``.
+    """
     out = Path(cfg.out_dir)
     if (out / RESULT_NAME).is_file():
         saved = json.loads((out / RESULT_NAME).read_text(encoding="utf-8"))
@@ -126,7 +130,19 @@ def train_or_resume(cfg: TrainConfig) -> TrainResult:
         return TrainResult(**saved)
     if (out / CHECKPOINT_NAME).is_file():
         cfg = dataclasses.replace(cfg, resume=True)
-    return train(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = logging.FileHandler(out / "train.log", encoding="utf-8")
+    progress.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("memeff.train")
+    level = logger.level
+    logger.addHandler(progress)
+    logger.setLevel(logging.INFO)
+    try:
+        return train(cfg)
+    finally:
+        logger.removeHandler(progress)
+        logger.setLevel(level)
+        progress.close()
 
 
 def train_with_threads(cfg: TrainConfig, threads: int) -> TrainResult:

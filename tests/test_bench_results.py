@@ -125,6 +125,7 @@ def test_training_runs_pick_up_where_an_interrupted_session_stopped(tmp_path, mo
     resumed = suite.train_or_resume(cfg)  # from the checkpoint at iteration 20
     assert resumed.iters_run == 20
     assert resumed.evals == uninterrupted.evals
+    assert "eval 40/40" in (tmp_path / "run" / "train.log").read_text()  # progress, both sessions
 
     monkeypatch.setattr(suite, "train", lambda cfg: pytest.fail("a finished run was retrained"))
     assert suite.train_or_resume(cfg) == resumed  # its result.json, reused
