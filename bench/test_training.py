@@ -20,8 +20,8 @@ import torch
 
 from bench.common import worker_pool
 from memeff.sample import sample_text
-from memeff.train import (CHECKPOINT_NAME, RESULT_NAME, RESUME_MAY_CHANGE, TrainConfig,
-                          TrainResult, train)
+from memeff.train import (CHECKPOINT_NAME, RESULT_NAME, TrainConfig, TrainResult,
+                          config_differences, train)
 
 # Peak lr and weight decay per optimizer; the schedule (100 warmup iterations, cosine to
 # lr/10) and everything else is nanoGPT's baby config. Each value is the best final val
@@ -123,10 +123,11 @@ def train_or_resume(cfg: TrainConfig) -> TrainResult:
     out = Path(cfg.out_dir)
     if (out / RESULT_NAME).is_file():
         saved = json.loads((out / RESULT_NAME).read_text(encoding="utf-8"))
-        ours = json.loads(json.dumps(dataclasses.asdict(cfg)))
-        if any(saved["config"].get(k) != v for k, v in ours.items() if k not in RESUME_MAY_CHANGE):
-            raise ValueError(f"{out / RESULT_NAME} is a run with another configuration; "
-                             f"remove {out} or use another --runs-dir")
+        differences = config_differences(  # compared as JSON, as the result was saved
+            saved["config"], json.loads(json.dumps(dataclasses.asdict(cfg))))
+        if differences:
+            raise ValueError(f"{out / RESULT_NAME} is a run with another configuration "
+                             f"({differences}); remove {out} or use another --runs-dir")
         return TrainResult(**saved)
     if (out / CHECKPOINT_NAME).is_file():
         cfg = dataclasses.replace(cfg, resume=True)

@@ -199,13 +199,17 @@ def estimate_loss(model: GPT, data: Dataset, cfg: TrainConfig,
     return losses
 
 
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """The fields, other than :data:`RESUME_MAY_CHANGE`, in which two run configurations
+    (as dicts) differ, as "name: saved X vs now Y, ..."; empty if they are the same run."""
+    return ", ".join(f"{name}: saved {saved.get(name)!r} vs now {value!r}"
+                     for name, value in current.items()
+                     if name not in RESUME_MAY_CHANGE and saved.get(name) != value)
+
+
 def _check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
-    current = asdict(cfg)
-    differing = [name for name in current
-                 if name not in RESUME_MAY_CHANGE and saved.get(name) != current[name]]
-    if differing:
-        details = ", ".join(f"{n}: checkpoint {saved.get(n)!r} vs now {current[n]!r}"
-                            for n in differing)
+    details = config_differences(saved, asdict(cfg))
+    if details:
         raise ValueError(f"cannot resume: the configuration differs from the checkpoint's "
                          f"({details}); use the same settings or another --out-dir")
 
