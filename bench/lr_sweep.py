@@ -42,7 +42,8 @@ SUBSET_NORM_LRS = (1e-3, 3e-3, 1e-2, 2e-2, 4e-2, 1e-1)
 ADAFACTOR_LRS = (3e-3, 1e-2, 3e-2, 6e-2, 1e-1, 3e-1)
 GRID = {
     "adamw": {0.1: ADAM_LRS},
-    "adamsn": {0.0: SUBSET_NORM_LRS, 0.01: SUBSET_NORM_LRS[2:5], 0.1: SUBSET_NORM_LRS[2:5]},
+    # weight decay 0.01 was best at 4e-2, the edge of its first three lrs: 3e-2 and 6e-2 refine it
+    "adamsn": {0.0: SUBSET_NORM_LRS, 0.01: (1e-2, 2e-2, 3e-2, 4e-2, 6e-2), 0.1: SUBSET_NORM_LRS[2:5]},
     "adafactor": {0.0: ADAFACTOR_LRS, 0.1: ADAFACTOR_LRS[1:4]},
     "adamsnsm": {0.0: SUBSET_NORM_LRS, 0.1: SUBSET_NORM_LRS[2:5]},
     "torch_adafactor": {0.0: ADAFACTOR_LRS, 0.1: ADAFACTOR_LRS[1:4]},
@@ -58,6 +59,9 @@ VARIANTS = {
     "warmup-200": ({}, {"warmup_iters": 200}),
     "eps-1e-12": ({"eps": 1e-12}, {}),
     "subset-32": ({"subset_size": 32}, {}),  # 32-element subsets instead of whole rows
+    # less momentum: the optimizers that beat AdamSN here have less of it (Adafactor none,
+    # AdamSN+SM none outside its rank-32 subspace)
+    "beta1-0.8": ({}, {"beta1": 0.8}),
 }
 VARIANT_OF = "adamsn"
 
