@@ -43,9 +43,14 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+OUTPUT_DIRS = ("results", "plots")  # what bench runs and the report write
+
+
 def git_state(repo: str | os.PathLike | None = None) -> dict[str, Any]:
     """The checked-out commit and whether tracked files differ from it.
 
+    Files under ``results/`` and ``plots/`` do not count: they are what runs write (a
+    sweep rewrites its results file after every run), not the code that ran.
     Outside git (a copied tree, e.g. on a lent GPU machine) the commit is
     ``$MEMEFF_SOURCE_COMMIT`` when set, and whether the tree differs is unknown (None).
     """
@@ -53,7 +58,8 @@ def git_state(repo: str | os.PathLike | None = None) -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                 *(f":(top,exclude){d}" for d in OUTPUT_DIRS)],
                                 cwd=cwd, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return {"commit": os.environ.get("MEMEFF_SOURCE_COMMIT") or None, "dirty": None}

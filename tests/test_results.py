@@ -73,3 +73,24 @@ def test_outside_git_the_commit_comes_from_the_environment(tmp_path, monkeypatch
     assert git_state(tmp_path) == {"commit": None, "dirty": None}
     monkeypatch.setenv("MEMEFF_SOURCE_COMMIT", "0123abc")
     assert git_state(tmp_path) == {"commit": "0123abc", "dirty": None}
+
+
+def test_changed_results_and_plots_do_not_make_the_tree_dirty(tmp_path):
+    import subprocess
+
+    from memeff.results import git_state
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    for name in ("code.py", "results/cpu/suite.json", "plots/figure.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("0\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
+    (tmp_path / "results/cpu/suite.json").write_text("1\n")
+    (tmp_path / "plots/figure.png").write_text("1\n")
+    assert git_state(tmp_path / "results")["dirty"] is False  # from any directory of the tree
+    (tmp_path / "code.py").write_text("1\n")
+    assert git_state(tmp_path / "results")["dirty"] is True
