@@ -267,3 +267,21 @@ def test_adafactor_copies_start_without_the_parameter_norms(compiled_kernels):
     opt.step()
     assert len(opt._parameter_norms) == 1
     assert len(copy.deepcopy(opt)._parameter_norms) == 0
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: AdamSN(ps, lr=1e-2, backend="compiled"),
+    lambda ps: Adafactor(ps, lr=1e-2, beta1=0.9, backend="compiled"),
+    lambda ps: Adafactor(ps, lr=1e-2, factored=False, backend="compiled"),
+], ids=["adamsn", "adafactor_beta1", "adafactor_unfactored"])
+def test_compiled_steps_advance_the_version_of_what_they_write(make, compiled_kernels):
+    p = torch.nn.Parameter(torch.randn(40, 9, dtype=torch.float64))
+    opt = make([p])
+    p.grad = torch.randn(40, 9, dtype=torch.float64)
+    opt.step()
+    versions = [t._version for t in (p, *opt.state[p].values())]
+    p.grad = torch.randn(40, 9, dtype=torch.float64)
+    opt.step()
+    for (key, t), before in zip([("param", p), *opt.state[p].items()], versions):
+        if key != "step":  # the step counter is a plain += (advanced anyway)
+            assert t._version > before, key

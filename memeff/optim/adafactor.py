@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.graph import increment_version
 from torch.utils.weak import WeakIdKeyDictionary
 
 from memeff.optim._common import (
@@ -125,9 +126,10 @@ class Adafactor(ChunkedOptimizer):
         the X it writes, and the next step takes RMS(X) from that sum instead of reading
         X again in pass 1: 4 reads and writes per element (G; G, X, X), 6 with ``beta1``.
         The sum is used only while the tensor is the one it was taken from, with the same
-        storage and the same version counter, so any in-place change to the parameter
-        between steps (``p.mul_``, ``p.copy_``, ``load_state_dict`` on the model,
-        ``nn.init``) makes the next step read X again. A write through ``p.data``, which has
+        storage and the same version counter (which the step advances for the tensors
+        its kernels write, as an in-place op would), so any in-place change to the
+        parameter between steps (``p.mul_``, ``p.copy_``, ``load_state_dict`` on the
+        model, ``nn.init``, another optimizer's step) makes the next step read X again. A write through ``p.data``, which has
         a version counter of its own, is not seen: after one, call
         :meth:`forget_parameter_norms`. The sum is not part of ``state_dict()``; pass 1
         adds the squares in the same blocks and order, so a loaded optimizer continues
@@ -345,7 +347,10 @@ def _compiled_update(compiled, work, grad, state, step: _Step, group: dict, eps2
         step.alpha *= _parameter_scale(math.sqrt(sum_param_squared), work.numel(), eps2)
     new_sum_param_squared = apply(work, grad, *statistics, *momentum, step.decay, step.alpha,
                                   step.clip_scale(sum_u_squared, work.numel()), scale_parameter)
-    if scale_parameter:  # the kernels write through a pointer: the version stays as it was
+    # the kernels write through pointers: count their writes as in-place ops would
+    written = [work] + [t for key, t in state.items() if key != "step"]
+    increment_version(written)
+    if scale_parameter:
         parameter_norms[work] = (work.data_ptr(), work._version, new_sum_param_squared)
 
 
