@@ -129,11 +129,12 @@ class Adafactor(ChunkedOptimizer):
         storage and the same version counter (which the step advances for the tensors
         its kernels write, as an in-place op would), so any in-place change to the
         parameter between steps (``p.mul_``, ``p.copy_``, ``load_state_dict`` on the
-        model, ``nn.init``, another optimizer's step) makes the next step read X again. A write through ``p.data``, which has
-        a version counter of its own, is not seen: after one, call
-        :meth:`forget_parameter_norms`. The sum is not part of ``state_dict()``; pass 1
-        adds the squares in the same blocks and order, so a loaded optimizer continues
-        with bit-identical values (for the same number of torch threads).
+        model, ``nn.init``, another optimizer's step) makes the next step read X again.
+        A write through ``p.data``, which has a version counter of its own, is not seen:
+        after one, call :meth:`forget_parameter_norms`. The sum is not part of
+        ``state_dict()``; pass 1 adds the squares in the same blocks and order, so a
+        loaded optimizer continues with bit-identical values (for the same number of
+        torch threads).
     """
 
     NAME = "Adafactor"
