@@ -35,12 +35,13 @@ ACCESSES = {
     "adamsn": 5,  # p, g, m read; p, m written (v is one value per row)
     "adamsnsm": 3,  # p, g read; p written (the momentum is low-rank)
     # Adafactor's row and column statistics need all of G, and its parameter scaling
-    # RMS(W), before any element is updated: G and W are read twice, W written once
-    "adafactor": 5, "torch_adafactor": 5, "torch_adafactor_foreach": 5,
+    # RMS(W), before any element is updated: G is read twice, W read and written once;
+    # ours keeps RMS(W) from the last step's write, torch's reads W once more for it
+    "adafactor": 4, "torch_adafactor": 5, "torch_adafactor_foreach": 5,
 }
-# params without the method's reduction: AdamW's 7; unfactored Adafactor reads G, V and W
-# in both passes and writes V and W once
-PER_ELEMENT_ACCESSES = {"adamsn": 7, "adamsnsm": 7, "adafactor": 8, "torch_adafactor": 8,
+# params without the method's reduction: AdamW's 7; unfactored Adafactor reads G and V in
+# both passes, writes V once, reads and writes W (torch's reads W once more for RMS(W))
+PER_ELEMENT_ACCESSES = {"adamsn": 7, "adamsnsm": 7, "adafactor": 7, "torch_adafactor": 8,
                         "torch_adafactor_foreach": 8}
 BATCH_SIZE, BLOCK = 12, 64
 KV_HEADS = (4, 2, 1)

@@ -194,3 +194,94 @@ def test_failed_build_falls_back_with_one_warning_or_raises(tmp_path, monkeypatc
     assert len(warnings) == 1 and "eager" in warnings[0].getMessage()
     with pytest.raises(RuntimeError, match="backend='compiled'.*could not be built"):
         AdamSN([p], backend="compiled")
+
+
+class _ArgumentRecorder(_CallCounter):
+    """As _CallCounter, and keeps each call's name and arguments."""
+
+    def __init__(self, module):
+        super().__init__(module)
+        self.log = []
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.log.append((name, args))
+            return getattr(self.module, name)(*args)
+        return call
+
+
+@pytest.mark.parametrize("shape, factored", [((300, 257), True), ((70001,), False)], ids=str)
+def test_adafactor_reuses_the_parameter_norm_of_its_last_step(shape, factored,
+                                                              compiled_kernels, monkeypatch):
+    recorder = _ArgumentRecorder(compiled_kernels)
+    monkeypatch.setattr(kernels, "load", lambda required=False: recorder)
+    p = torch.nn.Parameter(torch.randn(shape, dtype=torch.float64))
+    opt = Adafactor([p], lr=1e-2, factored=factored, backend="compiled")
+    for _ in range(3):
+        p.grad = torch.randn(shape, dtype=torch.float64)
+        opt.step()
+    # the last argument of pass 1 says whether it reads X for RMS(X); pass 2's whether it sums X^2
+    passes = [(name.rsplit("_", 1)[1], args[-1]) for name, args in recorder.log]
+    assert passes == [("statistics", True), ("apply", True)] + 2 * [("statistics", False), ("apply", True)]
+
+
+def _adafactor_steps(backend, w0, grads, between):
+    """Adafactor over ``grads``, calling ``between(p, opt)`` after the 5th step."""
+    p = torch.nn.Parameter(w0.clone())
+    opt = Adafactor([p], lr=1e-2, weight_decay=0.1, backend=backend)
+    for k, g in enumerate(grads):
+        p.grad = g.clone()
+        opt.step()
+        if k == 4:
+            between(p, opt)
+    return p.detach()
+
+
+def _scale_in_place(p, opt):
+    with torch.no_grad():
+        p.mul_(0.5)
+
+
+def _scale_through_data_then_forget(p, opt):
+    p.data.mul_(0.5)
+    opt.forget_parameter_norms()
+
+
+@pytest.mark.parametrize("between", [_scale_in_place, _scale_through_data_then_forget],
+                         ids=["in_place", "through_data"])
+@pytest.mark.parametrize("shape", [(300, 257), (3, 10, 6), (70001,)], ids=str)
+def test_adafactor_sees_a_parameter_changed_between_steps(shape, between, compiled_kernels):
+    w0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads = _grads(shape, torch.float64)
+    compiled = _adafactor_steps("compiled", w0, grads, between)
+    eager = _adafactor_steps("eager", w0, grads, between)
+    assert rel_error(compiled, eager, w0) <= 1e-12
+    unchanged = _adafactor_steps("eager", w0, grads, lambda p, opt: None)
+    assert rel_error(compiled, unchanged, w0) > 1e-3  # the change mattered
+
+
+def test_adafactor_copies_start_without_the_parameter_norms(compiled_kernels):
+    p = torch.nn.Parameter(torch.randn(40, 9, dtype=torch.float64))
+    opt = Adafactor([p], backend="compiled")
+    p.grad = torch.randn(40, 9, dtype=torch.float64)
+    opt.step()
+    assert len(opt._parameter_norms) == 1
+    assert len(copy.deepcopy(opt)._parameter_norms) == 0
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: AdamSN(ps, lr=1e-2, backend="compiled"),
+    lambda ps: Adafactor(ps, lr=1e-2, beta1=0.9, backend="compiled"),
+    lambda ps: Adafactor(ps, lr=1e-2, factored=False, backend="compiled"),
+], ids=["adamsn", "adafactor_beta1", "adafactor_unfactored"])
+def test_compiled_steps_advance_the_version_of_what_they_write(make, compiled_kernels):
+    p = torch.nn.Parameter(torch.randn(40, 9, dtype=torch.float64))
+    opt = make([p])
+    p.grad = torch.randn(40, 9, dtype=torch.float64)
+    opt.step()
+    versions = [t._version for t in (p, *opt.state[p].values())]
+    p.grad = torch.randn(40, 9, dtype=torch.float64)
+    opt.step()
+    for (key, t), before in zip([("param", p), *opt.state[p].items()], versions):
+        if key != "step":  # the step counter is a plain += (advanced anyway)
+            assert t._version > before, key

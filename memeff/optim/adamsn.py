@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.graph import increment_version
 
 from memeff.optim._common import (
     DEFAULT_CHUNK_SIZE,
@@ -220,6 +221,7 @@ class AdamSN(ChunkedOptimizer):
                 1 - beta1, beta2,
                 group["lr"] / bias_correction1, math.sqrt(1 - beta2**t), group["eps"],
                 1 - group["lr"] * group["weight_decay"])
+            increment_version([work, state["exp_avg"], state["exp_avg_sq"]])  # written by pointer
             return
         if "projector" in state:
             numerator = _subspace_numerator(state, grad, t, beta1, bias_correction1, group["gap"])

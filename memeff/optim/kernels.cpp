@@ -51,9 +51,10 @@ T sum_of_squares(const T* x, int64_t length) {
 
 // A long sum in pieces, each summed in T and added up in double, so that its rounding
 // error does not grow with the length as one running sum in float32 would.
+constexpr int64_t kPiece = 1024;
+
 template <typename T>
 double long_sum_of_squares(const T* x, int64_t length) {
-  constexpr int64_t kPiece = 1024;
   double total = 0.0;
   for (int64_t start = 0; start < length; start += kPiece) {
     total += double(sum_of_squares(x + start, std::min(kPiece, length - start)));
@@ -337,10 +338,13 @@ std::vector<double> adafactor_factored_statistics(at::Tensor grad, at::Tensor pa
 //   U = G * rsqrt(C_j) * sqrt(mean(R) / R_i), clipped by `clip`;
 //   without momentum: W <- W * decay - alpha * clip * U;
 //   with momentum:    M <- lerp(M, clip * U, 1 - beta1); W <- W * decay - alpha * M.
-void adafactor_factored_apply(at::Tensor param, at::Tensor grad, at::Tensor row_var,
-                              at::Tensor col_var, at::Tensor row_means, at::Tensor exp_avg,
-                              bool use_momentum, double beta1, double decay, double alpha,
-                              double clip) {
+// With `param_norm`, returns the sum of squares of the new W, summed exactly as pass 1
+// sums the old one (same row blocks, same order), so that the next step's pass 1 may
+// take it instead of reading W again; else returns 0.
+double adafactor_factored_apply(at::Tensor param, at::Tensor grad, at::Tensor row_var,
+                                at::Tensor col_var, at::Tensor row_means, at::Tensor exp_avg,
+                                bool use_momentum, double beta1, double decay, double alpha,
+                                double clip, bool param_norm) {
   check_tensor(param, param, "param");
   check_tensor(grad, param, "grad");
   check_tensor(row_var, param, "row_var");
@@ -352,12 +356,15 @@ void adafactor_factored_apply(at::Tensor param, at::Tensor grad, at::Tensor row_
   }
   const int64_t n = param.size(-2), cols = param.size(-1);
   const int64_t matrices = n * cols == 0 ? 0 : param.numel() / (n * cols);
+  double sum_param_squared = 0.0;
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "memeff_adafactor_apply", [&] {
     using T = scalar_t;
     const T t_decay = T(decay), t_clip = T(clip), neg_alpha = T(-alpha);
     const T neg_alpha_clip = T(-alpha * clip);  // the eager path's value=-alpha * clip
     const T momentum_weight = T(1 - beta1);
     std::vector<T> scale_cols(cols);
+    const int64_t blocks = row_blocks(n, cols);  // pass 1's blocks, for the same sums
+    std::vector<double> partial_param_squares(blocks, 0.0);
     for (int64_t b = 0; b < matrices; ++b) {
       T* w = param.data_ptr<T>() + b * n * cols;
       const T* g = grad.data_ptr<T>() + b * n * cols;
@@ -366,29 +373,47 @@ void adafactor_factored_apply(at::Tensor param, at::Tensor grad, at::Tensor row_
       const T* c = col_var.data_ptr<T>() + b * cols;
       const T mean_r = row_means.data_ptr<T>()[b];
       for (int64_t j = 0; j < cols; ++j) scale_cols[j] = T(1) / std::sqrt(c[j]);  // rsqrt
-      at::parallel_for(0, n, rows_per_task(cols), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const T scale_row = std::sqrt(T(1) / r[i] * mean_r);  // reciprocal().mul_().sqrt_()
-          T* wi = w + i * cols;
-          const T* gi = g + i * cols;
-          if (m == nullptr) {
-            for (int64_t j = 0; j < cols; ++j) {
-              const T u = gi[j] * scale_cols[j];
-              wi[j] = wi[j] * t_decay + neg_alpha_clip * u * scale_row;
-            }
-          } else {
-            T* mi = m + i * cols;
-            for (int64_t j = 0; j < cols; ++j) {
-              const T u = gi[j] * scale_cols[j] * scale_row * t_clip;
-              const T mj = lerp(mi[j], u, momentum_weight);
-              mi[j] = mj;
-              wi[j] = wi[j] * t_decay + neg_alpha * mj;
-            }
+      auto update_row = [&](int64_t i) {
+        const T scale_row = std::sqrt(T(1) / r[i] * mean_r);  // reciprocal().mul_().sqrt_()
+        T* wi = w + i * cols;
+        const T* gi = g + i * cols;
+        if (m == nullptr) {
+          for (int64_t j = 0; j < cols; ++j) {
+            const T u = gi[j] * scale_cols[j];
+            wi[j] = wi[j] * t_decay + neg_alpha_clip * u * scale_row;
+          }
+        } else {
+          T* mi = m + i * cols;
+          for (int64_t j = 0; j < cols; ++j) {
+            const T u = gi[j] * scale_cols[j] * scale_row * t_clip;
+            const T mj = lerp(mi[j], u, momentum_weight);
+            mi[j] = mj;
+            wi[j] = wi[j] * t_decay + neg_alpha * mj;
           }
         }
+      };
+      if (!param_norm) {
+        at::parallel_for(0, n, rows_per_task(cols), [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) update_row(i);
+        });
+        continue;
+      }
+      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          double param_squares = 0.0;
+          for (int64_t i = block_start(k, blocks, n); i < block_start(k + 1, blocks, n); ++i) {
+            update_row(i);  // the row is still in L1 when it is summed
+            param_squares += double(sum_of_squares(w + i * cols, cols));
+          }
+          partial_param_squares[k] = param_squares;
+        }
       });
+      double matrix_param_squares = 0.0;
+      for (int64_t k = 0; k < blocks; ++k) matrix_param_squares += partial_param_squares[k];
+      sum_param_squared += matrix_param_squares;
     }
   });
+  return sum_param_squared;
 }
 
 // ---- Adafactor, per-element second moment -----------------------------------------------
@@ -434,16 +459,19 @@ std::vector<double> adafactor_unfactored_statistics(at::Tensor grad, at::Tensor 
   return {sum_u_squared, sum_param_squared};
 }
 
-// Pass 2 of an unfactored step: U = rsqrt(V) * G, then as adafactor_factored_apply.
-void adafactor_unfactored_apply(at::Tensor param, at::Tensor grad, at::Tensor variance,
-                                at::Tensor exp_avg, bool use_momentum, double beta1,
-                                double decay, double alpha, double clip) {
+// Pass 2 of an unfactored step: U = rsqrt(V) * G, then as adafactor_factored_apply,
+// whose `param_norm` it shares (the sum of squares of the new W in pass 1's blocks and
+// pieces).
+double adafactor_unfactored_apply(at::Tensor param, at::Tensor grad, at::Tensor variance,
+                                  at::Tensor exp_avg, bool use_momentum, double beta1,
+                                  double decay, double alpha, double clip, bool param_norm) {
   check_tensor(param, param, "param");
   check_tensor(grad, param, "grad");
   check_tensor(variance, param, "variance");
   if (use_momentum) check_tensor(exp_avg, param, "exp_avg");
   const int64_t numel = param.numel();
   TORCH_CHECK(!use_momentum || exp_avg.numel() == numel, "exp_avg must match param");
+  double sum_param_squared = 0.0;
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "memeff_adafactor_unfactored_apply", [&] {
     using T = scalar_t;
     T* w = param.data_ptr<T>();
@@ -452,7 +480,7 @@ void adafactor_unfactored_apply(at::Tensor param, at::Tensor grad, at::Tensor va
     T* m = use_momentum ? exp_avg.data_ptr<T>() : nullptr;
     const T t_decay = T(decay), t_clip = T(clip), neg_alpha = T(-alpha);
     const T neg_alpha_clip = T(-alpha * clip), momentum_weight = T(1 - beta1);
-    at::parallel_for(0, numel, kMinTaskElements, [&](int64_t begin, int64_t end) {
+    auto update = [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
         const T u = T(1) / std::sqrt(v[j]) * g[j];
         if (m == nullptr) {
@@ -463,8 +491,28 @@ void adafactor_unfactored_apply(at::Tensor param, at::Tensor grad, at::Tensor va
           w[j] = w[j] * t_decay + neg_alpha * mj;
         }
       }
+    };
+    if (!param_norm) {
+      at::parallel_for(0, numel, kMinTaskElements, update);
+      return;
+    }
+    const int64_t blocks = row_blocks(numel, 1);  // pass 1's blocks and pieces
+    std::vector<double> partial(blocks, 0.0);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t start = block_start(b, blocks, numel), stop = block_start(b + 1, blocks, numel);
+        double param_squares = 0.0;
+        for (int64_t piece = start; piece < stop; piece += kPiece) {
+          const int64_t length = std::min(kPiece, stop - piece);
+          update(piece, piece + length);
+          param_squares += double(sum_of_squares(w + piece, length));
+        }
+        partial[b] = param_squares;
+      }
     });
+    for (int64_t b = 0; b < blocks; ++b) sum_param_squared += partial[b];
   });
+  return sum_param_squared;
 }
 
 }  // namespace
@@ -478,7 +526,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("adafactor_factored_statistics", &adafactor_factored_statistics, release_gil(),
              "Pass 1 of a factored Adafactor step: row and column statistics, sum of U^2");
   module.def("adafactor_factored_apply", &adafactor_factored_apply, release_gil(),
-             "Pass 2 of a factored Adafactor step: the update of W (and of M with beta1)");
+             "Pass 2 of a factored Adafactor step: the update of W (and of M with beta1), "
+             "optionally the sum of squares of the new W");
   module.def("adafactor_unfactored_statistics", &adafactor_unfactored_statistics, release_gil(),
              "Pass 1 of an unfactored Adafactor step: the second moment, sum of U^2");
   module.def("adafactor_unfactored_apply", &adafactor_unfactored_apply, release_gil(),
