@@ -28,14 +28,18 @@ def compiled_kernels():
 
 
 class _CallCounter:
-    """Stands in for the kernels module and counts the calls into it."""
+    """Stands in for the kernels module and keeps each call's name and arguments."""
 
     def __init__(self, module):
-        self.module, self.calls = module, 0
+        self.module, self.log = module, []
+
+    @property
+    def calls(self) -> int:
+        return len(self.log)
 
     def __getattr__(self, name):
         def call(*args):
-            self.calls += 1
+            self.log.append((name, args))
             return getattr(self.module, name)(*args)
         return call
 
@@ -196,32 +200,15 @@ def test_failed_build_falls_back_with_one_warning_or_raises(tmp_path, monkeypatc
         AdamSN([p], backend="compiled")
 
 
-class _ArgumentRecorder(_CallCounter):
-    """As _CallCounter, and keeps each call's name and arguments."""
-
-    def __init__(self, module):
-        super().__init__(module)
-        self.log = []
-
-    def __getattr__(self, name):
-        def call(*args):
-            self.log.append((name, args))
-            return getattr(self.module, name)(*args)
-        return call
-
-
 @pytest.mark.parametrize("shape, factored", [((300, 257), True), ((70001,), False)], ids=str)
-def test_adafactor_reuses_the_parameter_norm_of_its_last_step(shape, factored,
-                                                              compiled_kernels, monkeypatch):
-    recorder = _ArgumentRecorder(compiled_kernels)
-    monkeypatch.setattr(kernels, "load", lambda required=False: recorder)
+def test_adafactor_reuses_the_parameter_norm_of_its_last_step(shape, factored, kernel_calls):
     p = torch.nn.Parameter(torch.randn(shape, dtype=torch.float64))
     opt = Adafactor([p], lr=1e-2, factored=factored, backend="compiled")
     for _ in range(3):
         p.grad = torch.randn(shape, dtype=torch.float64)
         opt.step()
     # the last argument of pass 1 says whether it reads X for RMS(X); pass 2's whether it sums X^2
-    passes = [(name.rsplit("_", 1)[1], args[-1]) for name, args in recorder.log]
+    passes = [(name.rsplit("_", 1)[1], args[-1]) for name, args in kernel_calls.log]
     assert passes == [("statistics", True), ("apply", True)] + 2 * [("statistics", False), ("apply", True)]
 
 
