@@ -3,9 +3,9 @@
 For each model, every optimizer steps its own copy of the same parameters and gradients;
 all of them, torch's AdamW in foreach and fused form, torch's Adafactor (for-loop and
 foreach), and an in-place add as large as the model are timed round after round,
-interleaved, so their ratios come from one run. The in-place add gives the memory bandwidth the step
-could reach; an optimizer's floor is the bytes it must move at that bandwidth, and
-``fraction_of_floor`` is floor time over measured time (1.0 is at the floor).
+interleaved, so their ratios come from one run. The in-place add gives the memory
+bandwidth the step could reach; an optimizer's floor is the bytes it must move at that
+bandwidth, and ``fraction_of_floor`` is floor time over measured time (1.0 is at the floor).
 """
 
 from __future__ import annotations
