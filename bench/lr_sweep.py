@@ -94,6 +94,7 @@ def run_one(name: str, lr: float, wd: float, hparams: dict, seed: int, max_iters
                                optimizer_hparams=hparams, seed=seed, max_iters=max_iters,
                                log_interval=500, **(overrides or {})))
     return {"final_train_loss": result.final_train_loss, "final_val_loss": result.final_val_loss,
+            "final_val_loss_whole_split": result.final_val_loss_whole_split,
             "evals": result.evals, "median_ms_per_iter": result.median_ms_per_iter,
             "optimizer_state_bytes": result.optimizer_state_bytes,
             "torch_threads": torch.get_num_threads()}

@@ -142,21 +142,23 @@ def training_table(training: dict, step: dict | None, bpe: dict | None = None) -
                    if r["optimizer"] == "adamw" and r["n_kv_head"] == training["config"]["base"]["n_head"]}
     steps = step["summary"].get("gpt2-124M", {}) if step else {}
     lines = ["| run | lr / weight decay | seeds | final train loss | final val loss "
-             "| optimizer state | % of AdamW's | step time vs AdamW fused (124M) "
-             "| KV cache vs MHA |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| final val loss, whole split | optimizer state | % of AdamW's "
+             "| step time vs AdamW fused (124M) | KV cache vs MHA |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label, r in first.items():
         stats, state = summary[label], summary[label]["optimizer_state_bytes"]
         step_ratio = steps.get(r["optimizer"], {}).get("ratio_to_adamw_fused")
+        whole_split = stats.get("final_val_loss_whole_split")  # absent from older results
         lines.append(
             f"| {run_label(r)} | {r['learning_rate']:g} / {r['weight_decay']:g} | "
             f"{stats['final_val_loss']['n']} | {_mean_spread(stats['final_train_loss'])} | "
-            f"{_mean_spread(stats['final_val_loss'])} | {state:,} B | "
+            f"{_mean_spread(stats['final_val_loss'])} | "
+            f"{'n/a' if whole_split is None else _mean_spread(whole_split)} | {state:,} B | "
             f"{state / adamw_bytes[r['dataset']]:.1%} | "
             + ("n/a" if step_ratio is None else f"{step_ratio:.2f}x")
             + f" | {r['n_kv_head'] / training['config']['base']['n_head']:.0%} |")
     for name, train_loss, val_loss in REFERENCE_ROWS:
-        lines.append(f"| *not ours:* {name} | | 1 | {train_loss:.4f} | {val_loss:.4f} | | | | |")
+        lines.append(f"| *not ours:* {name} | | 1 | {train_loss:.4f} | {val_loss:.4f} | | | | | |")
     return "\n".join(lines)
 
 

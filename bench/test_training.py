@@ -128,6 +128,11 @@ def train_or_resume(cfg: TrainConfig) -> TrainResult:
         if differences:
             raise ValueError(f"{out / RESULT_NAME} is a run with another configuration "
                              f"({differences}); remove {out} or use another --runs-dir")
+        missing = [f.name for f in dataclasses.fields(TrainResult) if f.name not in saved]
+        if missing:
+            raise ValueError(f"{out / RESULT_NAME} was written by an older memeff and lacks "
+                             f"{', '.join(missing)}; remove {out} to train the run again, "
+                             f"or use another --runs-dir")
         return TrainResult(**saved)
     if (out / CHECKPOINT_NAME).is_file():
         cfg = dataclasses.replace(cfg, resume=True)
@@ -231,6 +236,7 @@ def train_and_record(benchmark, record, request, device, profile, seeds, label, 
                learning_rate=hparams["learning_rate"], weight_decay=hparams["weight_decay"],
                optimizer_hparams=hparams.get("optimizer_hparams", {}), evals=result.evals,
                final_train_loss=result.final_train_loss, final_val_loss=result.final_val_loss,
+               final_val_loss_whole_split=result.final_val_loss_whole_split,
                median_ms_per_iter=result.median_ms_per_iter, tokens_per_s=result.tokens_per_s,
                optimizer_state_bytes=result.optimizer_state_bytes, n_params=result.n_params,
                concurrent_runs=request.config.getoption("--train-workers"),
@@ -244,13 +250,14 @@ def spread(values: list[float]) -> dict:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Mean and spread over seeds per run."""
+    """Mean and spread over seeds per run (the whole-split val loss where the rows have it:
+    results written before it existed do not)."""
     summary = {}
     for label in dict.fromkeys(r["label"] for r in rows):
         runs = [r for r in rows if r["label"] == label]
-        summary[label] = {
-            key: spread([r[key] for r in runs])
-            for key in ("final_train_loss", "final_val_loss", "median_ms_per_iter", "tokens_per_s")
-        }
+        keys = ["final_train_loss", "final_val_loss", "final_val_loss_whole_split",
+                "median_ms_per_iter", "tokens_per_s"]
+        summary[label] = {key: spread([r[key] for r in runs])
+                          for key in keys if all(key in r for r in runs)}
         summary[label]["optimizer_state_bytes"] = runs[0]["optimizer_state_bytes"]
     return summary

@@ -7,7 +7,8 @@ weight decay 0.1 on 2-D weights, grad clip 1.0, dropout 0, eval every 250 iterat
 Iteration ``it`` runs, in order: set the lr, evaluate and checkpoint (every
 ``eval_interval`` iterations and at ``max_iters``), forward/backward over
 ``grad_accum_steps`` micro-batches, clip, step, zero the gradients, log. The run ends
-with the evaluation at ``max_iters``, after ``max_iters`` optimizer steps. A checkpoint
+with the evaluation at ``max_iters``, after ``max_iters`` optimizer steps, and the final
+model's loss over the whole val split (``split_loss``). A checkpoint
 holds everything that decides the rest of the run (weights, optimizer state, the batch
 generator and the global RNG), so resuming from iteration k reproduces an uninterrupted
 run exactly.
@@ -155,7 +156,8 @@ class TrainResult:
     world_size: int  # processes that trained (1 without torchrun)
     evals: list[dict[str, float]]  # {"iter", "train_loss", "val_loss"} per evaluation
     final_train_loss: float
-    final_val_loss: float
+    final_val_loss: float  # from the last evaluation: eval_iters batches, as nanoGPT
+    final_val_loss_whole_split: float  # the final model over every token of the val split
     median_ms_per_iter: float  # over the optimizer steps this call ran (rank 0's)
     tokens_per_s: float  # of the global batch: all ranks together
     iters_run: int  # optimizer steps this call ran (fewer than max_iters after a resume)
@@ -197,6 +199,33 @@ def estimate_loss(model: GPT, data: Dataset, cfg: TrainConfig,
         losses[split] = total / cfg.eval_iters
     model.train()
     return losses
+
+
+@torch.no_grad()
+def split_loss(model: GPT, ids: torch.Tensor, block_size: int, device: str | torch.device,
+               batch_size: int = 64) -> float:
+    """Mean next-token loss over a whole split, without sampling noise.
+
+    The split is cut into consecutive, non-overlapping windows of ``block_size`` tokens,
+    each predicting the tokens that follow it, so every token after the first is a target
+    exactly once, at every position of a window in turn as random windows would place it
+    (the tail too short for a window is left out). ``estimate_loss`` estimates the same
+    mean from ``eval_iters`` random batches.
+    """
+    windows = (len(ids) - 1) // block_size
+    if windows == 0:
+        raise ValueError(f"split of {len(ids)} tokens is too short for block_size {block_size}")
+    inputs = ids[:windows * block_size].view(windows, block_size)
+    targets = ids[1:windows * block_size + 1].view(windows, block_size)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for start in range(0, windows, batch_size):
+        x, y = inputs[start:start + batch_size], targets[start:start + batch_size]
+        _, loss = model(x.to(device), y.to(device))
+        total += loss.item() * len(x)  # every window has block_size targets
+    model.train(was_training)
+    return total / windows
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> str:
@@ -354,6 +383,12 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
                      cfg.max_iters, loss.item(), lr, 1000 * recent, eta)
         it += 1
 
+    whole_split_val_loss = None
+    if is_main:
+        whole_split_val_loss = split_loss(model, data.val, cfg.block_size, device)
+        log.info("final val loss over the whole val split (%d tokens): %.4f",
+                 len(data.val), whole_split_val_loss)
+    whole_split_val_loss = distributed.broadcast_from_main(whole_split_val_loss)
     median_s = statistics.median(step_seconds) if step_seconds else float("nan")
     state_bytes_per_rank = distributed.all_gather(state_bytes(optimizer))
     evals = distributed.broadcast_from_main(evals)
@@ -366,6 +401,7 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
         evals=evals,
         final_train_loss=evals[-1]["train_loss"],
         final_val_loss=evals[-1]["val_loss"],
+        final_val_loss_whole_split=whole_split_val_loss,
         median_ms_per_iter=1000 * median_s,
         tokens_per_s=tokens_per_iter / median_s,
         iters_run=len(step_seconds),

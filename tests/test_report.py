@@ -63,7 +63,7 @@ def training_document(tmp_path):
     from bench.test_training import summarize
     from memeff.results import environment, results_document
 
-    def row(label, optimizer, n_kv_head, seed, val, state):
+    def row(label, optimizer, n_kv_head, seed, val, state, whole_split=True):
         evals = [{"iter": 0, "train_loss": 4.2, "val_loss": 4.2},
                  {"iter": 10, "train_loss": val - 0.1, "val_loss": val}]
         return dict(test=f"test_training[{label}]", label=label, optimizer=optimizer, n_head=4,
@@ -71,11 +71,14 @@ def training_document(tmp_path):
                     learning_rate=3e-3, weight_decay=0.1, optimizer_hparams={}, evals=evals,
                     final_train_loss=val - 0.1, final_val_loss=val, median_ms_per_iter=1.0,
                     tokens_per_s=1.0, optimizer_state_bytes=state, n_params=10,
-                    sample="ROMEO:\nHe said `hi`" if seed == 1 else None)
+                    sample="ROMEO:\nHe said `hi`" if seed == 1 else None,
+                    **({"final_val_loss_whole_split": val + 0.01 * seed} if whole_split else {}))
 
     rows = [row("adamw", "adamw", 4, 1, 2.0, 800), row("adamw", "adamw", 4, 2, 2.2, 800),
             row("adamsn", "adamsn", 4, 1, 2.1, 400), row("adamsn", "adamsn", 4, 2, 2.1, 400),
-            row("adamw-mqa1", "adamw", 1, 1, 2.3, 700), row("adamw-mqa1", "adamw", 1, 2, 2.3, 700)]
+            # as in results written before the whole-split loss existed
+            row("adamw-mqa1", "adamw", 1, 1, 2.3, 700, whole_split=False),
+            row("adamw-mqa1", "adamw", 1, 2, 2.3, 700, whole_split=False)]
     config = {"base": {"n_head": 4}, "max_iters": 10,
               "sample": dict(prompt="ROMEO:", max_new_tokens=5, temperature=0.8, top_k=200, seed=1)}
     document = results_document("training", "full", environment(), [1, 2], config, rows)
@@ -85,9 +88,13 @@ def training_document(tmp_path):
 
 def test_training_table_gives_mean_half_spread_and_share_of_adamw(tmp_path):
     table = report.training_table(training_document(tmp_path), None).splitlines()
-    assert table[2].startswith("| AdamW | 0.003 / 0.1 | 2 | 2.0000 ± 0.1000 | 2.1000 ± 0.1000 | 800 B | 100.0% | n/a | 100% |")
-    assert table[3].startswith("| AdamSN | 0.003 / 0.1 | 2 | 2.0000 ± 0.0000 | 2.1000 ± 0.0000 | 400 B | 50.0% |")
-    assert table[4].startswith("| AdamW (MQA, 1 K/V head) |") and table[4].endswith("| 25% |")
+    assert table[2].startswith("| AdamW | 0.003 / 0.1 | 2 | 2.0000 ± 0.1000 | 2.1000 ± 0.1000 "
+                               "| 2.1150 ± 0.1050 | 800 B | 100.0% | n/a | 100% |")
+    assert table[3].startswith("| AdamSN | 0.003 / 0.1 | 2 | 2.0000 ± 0.0000 | 2.1000 ± 0.0000 "
+                               "| 2.1150 ± 0.0050 | 400 B | 50.0% |")
+    assert table[4].startswith("| AdamW (MQA, 1 K/V head) | 0.003 / 0.1 | 2 | 2.2000 ± 0.0000 "
+                               "| 2.3000 ± 0.0000 | n/a | 700 B |")
+    assert table[4].endswith("| 25% |")
     assert sum("*not ours:*" in line for line in table) == len(report.REFERENCE_ROWS)
 
 

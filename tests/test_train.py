@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from memeff.train import TrainConfig, lr_at, train
+from memeff.model import GPT, GPTConfig
+from memeff.train import TrainConfig, lr_at, split_loss, train
 
 TINY = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32, batch_size=8,
             eval_iters=2, warmup_iters=5, log_interval=1000)
@@ -41,6 +42,55 @@ def test_hundred_iterations_lower_the_loss():
     assert last["val_loss"] < first["val_loss"] - 0.5
     assert result.iters_run == 100
     assert result.optimizer_state_bytes > 0 and result.tokens_per_s > 0
+    # the whole split and nanoGPT's 2 random batches measure the same loss
+    assert result.final_val_loss_whole_split == pytest.approx(result.final_val_loss, abs=0.2)
+
+
+class _RecordingModel(torch.nn.Module):
+    """Returns a known loss per batch and keeps the windows it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def forward(self, x, y):
+        self.batches.append((x, y))
+        return None, y.double().mean()
+
+
+def test_split_loss_predicts_every_token_once_in_consecutive_windows():
+    ids = torch.arange(1000)
+    model = _RecordingModel()
+    loss = split_loss(model, ids, block_size=64, device="cpu", batch_size=5)
+    inputs = torch.cat([x for x, _ in model.batches])
+    targets = torch.cat([y for _, y in model.batches])
+    windows = 999 // 64  # 15 full windows; the last 39 tokens are too few for one
+    assert inputs.shape == targets.shape == (windows, 64)
+    assert torch.equal(inputs.flatten(), ids[:windows * 64])
+    assert torch.equal(targets.flatten(), ids[1:windows * 64 + 1])
+    assert [len(x) for x, _ in model.batches] == [5, 5, 5]
+    assert loss == pytest.approx(ids[1:windows * 64 + 1].double().mean().item(), rel=1e-12)
+    assert model.training  # put back as it was
+
+
+def test_split_loss_is_the_mean_cross_entropy_of_every_target(char_data):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16,
+                          vocab_size=char_data.vocab_size)).double()
+    ids = char_data.val[:500]
+    windows = 499 // 16
+    x = ids[:windows * 16].view(windows, 16)
+    y = ids[1:windows * 16 + 1].view(windows, 16)
+    logits, _ = model(x)
+    log_probs = logits - logits.exp().sum(-1, keepdim=True).log()  # log-softmax from its formula
+    reference = -log_probs.gather(-1, y[..., None]).mean().item()
+    for batch_size in (1, 7, 64):  # batching does not change the mean
+        assert split_loss(model, ids, 16, "cpu", batch_size) == pytest.approx(reference, rel=1e-12)
+
+
+def test_split_loss_of_a_too_short_split_is_a_clear_error():
+    with pytest.raises(ValueError, match="too short for block_size 64"):
+        split_loss(_RecordingModel(), torch.arange(64), block_size=64, device="cpu")
 
 
 def test_same_seed_gives_identical_losses_and_leaves_global_rng_alone():
