@@ -62,6 +62,10 @@ VARIANTS = {
     # less momentum: the optimizers that beat AdamSN here have less of it (Adafactor none,
     # AdamSN+SM none outside its rank-32 subspace)
     "beta1-0.8": ({}, {"beta1": 0.8}),
+    # a subset's second moment averages many squared gradients, so its best averaging
+    # time may differ from AdamW's 0.99 (the subset-norm paper's LLaMA runs use 0.999)
+    "beta2-0.999": ({}, {"beta2": 0.999}),
+    "beta2-0.95": ({}, {"beta2": 0.95}),
 }
 VARIANT_OF = "adamsn"
 

@@ -95,6 +95,8 @@ def step_table(step: dict) -> str:
 # train.py on the baby config (issue "Reproduce and beat the published loss table"; the
 # README's baseline section reproduces it on this project's machine), and the table an
 # earlier GQA+AdamSN+Adafactor fork of nanoGPT reported for the same config.
+# the baby config's warmup (TrainConfig's default); rows that do not record theirs used it
+NANOGPT_WARMUP_ITERS = 100
 REFERENCE_ROWS = (
     ("nanoGPT's train.py, AdamW (lr 1e-3, wd 0.1), 1 run", 1.7648, 1.8857),
     ("earlier fork's table: Adam", 1.8104, 1.9353),
@@ -119,6 +121,8 @@ def run_label(row: dict) -> str:
                       else f"GQA, {row['n_kv_head']} K/V heads")
     if row["dataset"] != "char":
         extras.append("GPT-2 BPE")
+    if row.get("warmup_iters", NANOGPT_WARMUP_ITERS) != NANOGPT_WARMUP_ITERS:
+        extras.append(f"{row['warmup_iters']} warmup iterations")
     return name + (f" ({', '.join(extras)})" if extras else "")
 
 
@@ -337,9 +341,11 @@ def step_time_figure(plt, step: dict):
 
 
 def headline_labels(training: dict) -> list[str]:
-    """Char-level runs at each optimizer's tuned lr, the GQA and MQA runs included."""
+    """Char-level runs at each optimizer's tuned lr and nanoGPT's schedule, the GQA and
+    MQA runs included."""
     return [label for label, r in first_rows(training).items()
-            if "lr1e-3" not in label and r["dataset"] == "char"]
+            if "lr1e-3" not in label and r["dataset"] == "char"
+            and r.get("warmup_iters", NANOGPT_WARMUP_ITERS) == NANOGPT_WARMUP_ITERS]
 
 
 def loss_curves_figure(plt, training: dict):

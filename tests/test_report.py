@@ -98,6 +98,21 @@ def test_training_table_gives_mean_half_spread_and_share_of_adamw(tmp_path):
     assert sum("*not ours:*" in line for line in table) == len(report.REFERENCE_ROWS)
 
 
+def test_a_run_with_another_warmup_is_named_and_kept_out_of_the_figures(tmp_path):
+    from memeff.train import TrainConfig
+
+    assert report.NANOGPT_WARMUP_ITERS == TrainConfig().warmup_iters
+    document = training_document(tmp_path)
+    for r in document["rows"]:
+        if r["label"] == "adamsn":
+            r["label"], r["warmup_iters"] = "adamsn-warmup200", 200
+    document["summary"] = {("adamsn-warmup200" if k == "adamsn" else k): v
+                           for k, v in document["summary"].items()}
+    table = report.training_table(document, None).splitlines()
+    assert table[3].startswith("| AdamSN (200 warmup iterations) | 0.003 / 0.1 | 2 |")
+    assert report.headline_labels(document) == ["adamw", "adamw-mqa1"]
+
+
 def test_training_figures_and_samples_render(tmp_path):
     document = training_document(tmp_path)
     samples = report.samples_block(document)
