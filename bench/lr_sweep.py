@@ -53,12 +53,17 @@ OPTIMIZER_HPARAMS = {"adamsnsm": {"rank": 32}}
 
 
 # Ablations of AdamSN (why does it trail AdamW, if it does?), each trained at the lr and
-# weight decay AdamSN's grid found best: name -> (optimizer_hparams, TrainConfig fields).
+# weight decay AdamSN's grid found best unless its TrainConfig fields give another
+# learning_rate: name -> (optimizer_hparams, TrainConfig fields).
 VARIANTS = {
     "tied-per-element": ({"tied_weight_as_linear": False}, {}),  # wte/lm_head not subset-norm
     "warmup-200": ({}, {"warmup_iters": 200}),
     "eps-1e-12": ({"eps": 1e-12}, {}),
     "subset-32": ({"subset_size": 32}, {}),  # 32-element subsets instead of whole rows
+    # the same at the same step size: a subset's summed squares scale with its size k, so
+    # the update scales with 1/sqrt(k), and 4x smaller subsets take 2x the step at one lr
+    "subset-32-lr2e-2": ({"subset_size": 32}, {"learning_rate": 2e-2}),
+    "subset-8-lr1e-2": ({"subset_size": 8}, {"learning_rate": 1e-2}),
     # less momentum: the optimizers that beat AdamSN here have less of it (Adafactor none,
     # AdamSN+SM none outside its rank-32 subspace)
     "beta1-0.8": ({}, {"beta1": 0.8}),
@@ -144,11 +149,14 @@ def ablate(variants: Sequence[str], out: Path, max_iters: int, seed: int, worker
     if VARIANT_OF not in best:
         raise ValueError(f"{out} has no {VARIANT_OF} grid runs with seed {seed} and {max_iters} "
                          f"iterations: run the sweep with --optimizers {VARIANT_OF} first")
-    plan = [dict(optimizer=VARIANT_OF, learning_rate=best[VARIANT_OF]["learning_rate"],
-                 weight_decay=best[VARIANT_OF]["weight_decay"],
-                 optimizer_hparams={**OPTIMIZER_HPARAMS.get(VARIANT_OF, {}), **VARIANTS[v][0]},
-                 seed=seed, max_iters=max_iters, variant=v, train_overrides=VARIANTS[v][1])
-            for v in variants]
+    plan = []
+    for v in variants:
+        overrides = dict(VARIANTS[v][1])
+        plan.append(dict(optimizer=VARIANT_OF,
+                         learning_rate=overrides.pop("learning_rate", best[VARIANT_OF]["learning_rate"]),
+                         weight_decay=best[VARIANT_OF]["weight_decay"],
+                         optimizer_hparams={**OPTIMIZER_HPARAMS.get(VARIANT_OF, {}), **VARIANTS[v][0]},
+                         seed=seed, max_iters=max_iters, variant=v, train_overrides=overrides))
     return _train_missing(plan, rows, out, seed, max_iters, workers)
 
 

@@ -66,3 +66,13 @@ def test_ablations_run_at_the_best_grid_point_and_stay_out_of_the_best(tmp_path)
     assert document["summary"]["best"]["adamsn"] == best
     change = document["summary"]["variants"]["warmup-200"]["val_loss_change"]
     assert change == pytest.approx(ablations[1]["final_val_loss"] - best["final_val_loss"])
+
+
+def test_an_ablation_may_train_at_its_own_learning_rate(tmp_path):
+    out = tmp_path / "lr_sweep.json"
+    lr_sweep.sweep(["adamsn"], out, max_iters=3, seed=1, lrs=[1e-3, 3e-3], weight_decays=[0.0])
+    document = lr_sweep.ablate(["subset-8-lr1e-2"], out, max_iters=3, seed=1)
+    (row,) = [r for r in document["rows"] if r.get("variant")]
+    assert row["learning_rate"] == 1e-2 and row["train_overrides"] == {}
+    assert row["optimizer_hparams"] == {"subset_size": 8}
+    assert document["summary"]["variants"]["subset-8-lr1e-2"]["learning_rate"] == 1e-2
