@@ -193,7 +193,8 @@ def sweep_table(sweep: dict) -> str:
     variants = sweep["summary"].get("variants")
     if variants:
         base = OPTIMIZER_LABELS[sweep["config"]["variant_of"]]
-        lines += ["", f"{base} changed one thing at a time, at its best grid point above:", "",
+        lines += ["", f"{base} changed one thing at a time, at its best grid point above (at the lr "
+                     f"in the change's name where it has one):", "",
                   "| change | final train loss | final val loss | val loss vs the grid's best |",
                   "| --- | ---: | ---: | ---: |"]
         for name, v in variants.items():
