@@ -19,6 +19,7 @@ from typing import Sequence
 
 from memeff import cli
 from memeff.results import atomic_write, read_results
+from memeff.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = ("kv_cache", "optimizer_state", "step_time", "training", "training_bpe", "lr_sweep")
@@ -95,8 +96,8 @@ def step_table(step: dict) -> str:
 # train.py on the baby config (issue "Reproduce and beat the published loss table"; the
 # README's baseline section reproduces it on this project's machine), and the table an
 # earlier GQA+AdamSN+Adafactor fork of nanoGPT reported for the same config.
-# the baby config's warmup (TrainConfig's default); rows that do not record theirs used it
-NANOGPT_WARMUP_ITERS = 100
+# the baby config's warmup; rows that do not record theirs used it
+NANOGPT_WARMUP_ITERS = TrainConfig.warmup_iters
 REFERENCE_ROWS = (
     ("nanoGPT's train.py, AdamW (lr 1e-3, wd 0.1), 1 run", 1.7648, 1.8857),
     ("earlier fork's table: Adam", 1.8104, 1.9353),

@@ -161,11 +161,16 @@ def load_dataset(name: str = "char", cache_dir: Path | None = None) -> Dataset:
     return Dataset(name, train, val, vocab_size, encode, decode, chars)
 
 
+def check_holds_a_window(data: torch.Tensor, block_size: int) -> None:
+    """Raise ValueError unless ``data`` holds a window of ``block_size`` tokens and its next token."""
+    if len(data) <= block_size:
+        raise ValueError(f"split of {len(data)} tokens is too short for block_size {block_size}")
+
+
 def get_batch(data: torch.Tensor, batch_size: int, block_size: int,
               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch_size`` random windows of ``block_size`` tokens and the same shifted by one."""
-    if len(data) <= block_size:
-        raise ValueError(f"split of {len(data)} tokens is too short for block_size {block_size}")
+    check_holds_a_window(data, block_size)
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
     index = starts[:, None] + torch.arange(block_size)  # (batch_size, block_size)
     return data[index], data[index + 1]

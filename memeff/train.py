@@ -44,7 +44,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from memeff import cli, distributed
-from memeff.data import DATASETS, Dataset, get_batch, load_dataset
+from memeff.data import DATASETS, Dataset, check_holds_a_window, get_batch, load_dataset
 from memeff.memory import state_bytes
 from memeff.model import GPT, GPTConfig
 from memeff.optim import OPTIMIZER_NAMES, build_optimizer
@@ -212,9 +212,8 @@ def split_loss(model: GPT, ids: torch.Tensor, block_size: int, device: str | tor
     (the tail too short for a window is left out). ``estimate_loss`` estimates the same
     mean from ``eval_iters`` random batches.
     """
+    check_holds_a_window(ids, block_size)
     windows = (len(ids) - 1) // block_size
-    if windows == 0:
-        raise ValueError(f"split of {len(ids)} tokens is too short for block_size {block_size}")
     inputs = ids[:windows * block_size].view(windows, block_size)
     targets = ids[1:windows * block_size + 1].view(windows, block_size)
     was_training = model.training
