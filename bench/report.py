@@ -343,11 +343,12 @@ def step_time_figure(plt, step: dict):
 
 
 def headline_labels(training: dict) -> list[str]:
-    """Char-level runs at each optimizer's tuned lr and nanoGPT's schedule, the GQA and
-    MQA runs included."""
+    """Char-level runs at exactly their optimizer's tuned settings (the suite's
+    ``hparams``), the GQA and MQA runs included: not the other lrs, warmups or ablations."""
+    config = training["config"]
     return [label for label, r in first_rows(training).items()
-            if "lr1e-3" not in label and r["dataset"] == "char"
-            and r.get("warmup_iters", NANOGPT_WARMUP_ITERS) == NANOGPT_WARMUP_ITERS]
+            if r["dataset"] == "char"
+            and config["runs"][label]["hparams"] == config["hparams"][r["optimizer"]]]
 
 
 def loss_curves_figure(plt, training: dict):

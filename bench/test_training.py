@@ -71,6 +71,12 @@ RUNS = {
     # iterations instead of nanoGPT's 100), at 3 seeds and for AdamW too
     "adamw-warmup200": Run("adamw", None, "char", FULL, {"warmup_iters": 200}),
     "adamsn-warmup200": Run("adamsn", None, "char", FULL, {"warmup_iters": 200}),
+    # the neighbours of AdamW's and AdamSN's tuned lr, at 3 seeds: the sweep chose each
+    # from one seed, and its neighbours there were within 0.01
+    "adamw-lr6e-3": Run("adamw", None, "char", FULL, {"learning_rate": 6e-3}),
+    "adamw-lr1e-2": Run("adamw", None, "char", FULL, {"learning_rate": 1e-2}),
+    "adamsn-lr3e-2": Run("adamsn", None, "char", FULL, {"learning_rate": 3e-2}),
+    "adamsn-lr6e-2": Run("adamsn", None, "char", FULL, {"learning_rate": 6e-2}),
     "adamw-lr1e-3": Run("adamw", None, "char", FULL, NANOGPT_LR),
     "adamsn-lr1e-3": Run("adamsn", None, "char", FULL, NANOGPT_LR),
     "adafactor-lr1e-3": Run("adafactor", None, "char", FULL, NANOGPT_LR),

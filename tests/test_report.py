@@ -79,8 +79,11 @@ def training_document(tmp_path):
             # as in results written before the whole-split loss existed
             row("adamw-mqa1", "adamw", 1, 1, 2.3, 700, whole_split=False),
             row("adamw-mqa1", "adamw", 1, 2, 2.3, 700, whole_split=False)]
+    tuned = dict(learning_rate=3e-3, weight_decay=0.1)
     config = {"base": {"n_head": 4}, "max_iters": 10,
-              "sample": dict(prompt="ROMEO:", max_new_tokens=5, temperature=0.8, top_k=200, seed=1)}
+              "sample": dict(prompt="ROMEO:", max_new_tokens=5, temperature=0.8, top_k=200, seed=1),
+              "hparams": {"adamw": tuned, "adamsn": tuned},
+              "runs": {label: {"hparams": dict(tuned)} for label in ("adamw", "adamsn", "adamw-mqa1")}}
     document = results_document("training", "full", environment(), [1, 2], config, rows)
     document["summary"] = summarize(rows)
     return document
@@ -108,8 +111,16 @@ def test_a_run_with_another_warmup_is_named_and_kept_out_of_the_figures(tmp_path
             r["label"], r["warmup_iters"] = "adamsn-warmup200", 200
     document["summary"] = {("adamsn-warmup200" if k == "adamsn" else k): v
                            for k, v in document["summary"].items()}
+    runs = document["config"]["runs"]
+    runs["adamsn-warmup200"] = {"hparams": {**runs.pop("adamsn")["hparams"], "warmup_iters": 200}}
     table = report.training_table(document, None).splitlines()
     assert table[3].startswith("| AdamSN (200 warmup iterations) | 0.003 / 0.1 | 2 |")
+    assert report.headline_labels(document) == ["adamw", "adamw-mqa1"]
+
+
+def test_a_run_at_another_lr_is_kept_out_of_the_figures(tmp_path):
+    document = training_document(tmp_path)
+    document["config"]["runs"]["adamsn"]["hparams"]["learning_rate"] = 6e-3
     assert report.headline_labels(document) == ["adamw", "adamw-mqa1"]
 
 
