@@ -71,6 +71,17 @@ VARIANTS = {
     # time may differ from AdamW's 0.99 (the subset-norm paper's LLaMA runs use 0.999)
     "beta2-0.999": ({}, {"beta2": 0.999}),
     "beta2-0.95": ({}, {"beta2": 0.95}),
+    # the tied embedding/head (65 tokens x 128): "auto" sums each of its 128 columns over
+    # all 65 tokens, so frequent tokens set the step of rare ones; one subset per token
+    # (a row) holds 65 values instead of 128
+    "tied-rows": ({"group_hparams": {"tied": {"subset_size": 128}}}, {}),
+    # per-element second moments at AdamSN's lr take ~13x AdamW's step: the tied weight
+    # per-element at AdamW's lr (the matched step "tied-per-element" lacked), and the
+    # parameters that are per-element anyway (position embedding, LayerNorm gains) likewise
+    "tied-per-element-lr3e-3": ({"tied_weight_as_linear": False,
+                                 "group_hparams": {"tied": {"lr": 3e-3}}}, {}),
+    "per-element-lr3e-3": ({"group_hparams": {"other_weights": {"lr": 3e-3},
+                                              "no_decay": {"lr": 3e-3}}}, {}),
 }
 VARIANT_OF = "adamsn"
 

@@ -288,6 +288,8 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
     optimizer = build_optimizer(cfg.optimizer, model, lr=cfg.learning_rate,
                                 weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                                 **cfg.optimizer_hparams)
+    # a group may have its own peak lr (build_optimizer's group_hparams): keep the ratios
+    lr_scales = [group["lr"] / cfg.learning_rate for group in optimizer.param_groups]
     if rank > 0:  # its own dropout masks; rank 0 continues the single-process stream
         torch.manual_seed(cfg.seed + rank)
     batch_generator = torch.Generator().manual_seed(cfg.seed)  # the same on every rank
@@ -343,8 +345,8 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
     it = start_iter
     while True:
         lr = lr_at(it, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group, scale in zip(optimizer.param_groups, lr_scales):
+            group["lr"] = lr * scale
         due = it % cfg.eval_interval == 0 or it == cfg.max_iters
         if due and not (checkpoint is not None and it == start_iter):  # its eval is in evals
             if is_main:  # the other ranks wait for it in the next gradient all-reduce

@@ -6,6 +6,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+import torch.nn as nn
 
 from memeff import GPT, GPTConfig
 from memeff.memory import expected_state_bytes, state_bytes
@@ -132,3 +133,58 @@ def test_built_optimizers_step_and_count_state_exactly(model, name):
     opt.step()
     assert state_bytes(opt) == expected_state_bytes(opt)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_group_hparams_override_one_group(model):
+    ln = model.transformer.h[0].ln_1.weight
+    c_attn = model.transformer.h[0].attn.c_attn.weight
+    opt = build_optimizer("adamsn", model, lr=4e-2, weight_decay=0.01,
+                          group_hparams={"no_decay": {"lr": 3e-3, "eps": 1e-12}})
+    assert (_group_of(opt, ln)["lr"], _group_of(opt, ln)["eps"]) == (3e-3, 1e-12)
+    assert (_group_of(opt, c_attn)["lr"], _group_of(opt, c_attn)["eps"]) == (4e-2, 1e-8)
+    assert len(opt.param_groups) == 3
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_a_tied_group_keeps_the_settings_of_the_group_it_left(model, name):
+    wte = model.transformer.wte.weight
+    plain = build_optimizer(name, model, lr=1e-2, weight_decay=0.1)
+    split = build_optimizer(name, model, lr=1e-2, weight_decay=0.1,
+                            group_hparams={"tied": {"lr": 2e-3}})
+    assert len(split.param_groups) == len(plain.param_groups) + 1
+    assert split.param_groups[-1]["params"] == [wte]
+    expected = {**_group_of(plain, wte), "lr": 2e-3}
+    assert {k: v for k, v in _group_of(split, wte).items() if k != "params"} == \
+        {k: v for k, v in expected.items() if k != "params"}
+    listed = [p for g in split.param_groups for p in g["params"]]
+    assert len(listed) == len({id(p) for p in listed}) == len(list(model.parameters()))
+
+
+def test_tied_rows_give_adamsn_one_subset_per_token(model):
+    wte = model.transformer.wte.weight  # (64, 32): "auto" would sum over the 64 tokens
+    opt = build_optimizer("adamsn", model, group_hparams={"tied": {"subset_size": 32}})
+    idx = torch.randint(0, 64, (2, 16))
+    model(idx, idx)[1].backward()
+    grad = wte.grad.detach().clone()
+    opt.step()
+    v = opt.state[wte]["exp_avg_sq"]
+    assert v.shape == (64, 1)
+    beta2 = opt.param_groups[-1]["betas"][1]
+    torch.testing.assert_close(v.double(), (1 - beta2) * grad.double().pow(2).sum(1, keepdim=True))
+    assert state_bytes(opt) == expected_state_bytes(opt)
+
+
+@pytest.mark.parametrize("group_hparams, message", [
+    ({"embeddings": {"lr": 1e-3}}, "unknown group name.*embeddings.*matrix, other_weights, no_decay and tied"),
+    ({"matrix": 1e-3}, r"group_hparams\['matrix'\] must be a dict"),
+    ({"matrix": {"params": []}}, "no 'params'"),
+])
+def test_bad_group_hparams_are_named(model, group_hparams, message):
+    with pytest.raises(ValueError, match=message):
+        build_optimizer("adamsn", model, group_hparams=group_hparams)
+
+
+def test_a_tied_group_without_a_tied_weight_is_a_clear_error():
+    model = nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 8))
+    with pytest.raises(ValueError, match="no trainable weight shared"):
+        build_optimizer("adamsn", model, group_hparams={"tied": {"lr": 1e-3}})

@@ -93,6 +93,17 @@ def test_split_loss_of_a_too_short_split_is_a_clear_error():
         split_loss(_RecordingModel(), torch.arange(64), block_size=64, device="cpu")
 
 
+def test_a_group_with_its_own_peak_lr_keeps_its_ratio_through_the_schedule(tmp_path):
+    cfg = TrainConfig(**TINY, max_iters=12, eval_interval=6, optimizer="adamsn", learning_rate=4e-2,
+                      out_dir=str(tmp_path),
+                      optimizer_hparams={"group_hparams": {"no_decay": {"lr": 3e-3}}})
+    train(cfg)
+    groups = torch.load(tmp_path / "ckpt.pt", weights_only=False)["optimizer"]["param_groups"]
+    by_decay = {g["weight_decay"] == 0: g["lr"] for g in groups}  # no_decay is the only undecayed
+    assert by_decay[False] == lr_at(12, cfg)
+    assert by_decay[True] == pytest.approx(lr_at(12, cfg) * 3e-3 / 4e-2, rel=1e-12)
+
+
 def test_same_seed_gives_identical_losses_and_leaves_global_rng_alone():
     cfg = TrainConfig(**TINY, max_iters=20, eval_interval=10)
     torch.manual_seed(99)

@@ -17,6 +17,13 @@ A weight shared by an ``nn.Linear`` and an ``nn.Embedding`` (GPT's ``lm_head`` t
 default, what the reference does, since it selects every ``nn.Linear`` weight) puts it in
 ``matrix``, False in ``other_weights``. Tied weights are listed once.
 
+``group_hparams`` overrides optimizer settings per group, by the names above, for
+ablations: ``{"no_decay": {"lr": 3e-3}}`` steps the LayerNorm gains at their own lr. The
+name ``"tied"`` moves the tied weight into a group of its own, with the settings of the
+group it leaves and then these: ``{"tied": {"subset_size": 128}}`` gives AdamSN one
+subset per row of a (vocab, 128) table, i.e. one per token. A group's ``lr`` is its peak:
+``memeff.train``'s schedule scales every group's lr by the same factor.
+
 ``"adamw"`` (torch.optim.AdamW, in its ``fused=True`` form unless ``foreach`` or
 ``fused`` is passed: torch's fastest on CPU and CUDA, which nanoGPT picks where it can)
 and ``"torch_adafactor"`` (torch.optim.Adafactor, which factors every tensor of 2+ dims
@@ -40,12 +47,15 @@ SUBSPACE_RANK = 128  # the issue's defaults for "adamsnsm": rank and projector r
 SUBSPACE_GAP = 200
 
 
+GROUP_NAMES = ("matrix", "other_weights", "no_decay")
+
+
 def param_groups(model: nn.Module, weight_decay: float, *,
                  tied_weight_as_linear: bool = True) -> dict[str, list[nn.Parameter]]:
     """The module docstring's three groups, by name, each parameter listed once."""
     linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     embedding = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    groups: dict[str, list[nn.Parameter]] = {"matrix": [], "other_weights": [], "no_decay": []}
+    groups: dict[str, list[nn.Parameter]] = {name: [] for name in GROUP_NAMES}
     for p in model.parameters():  # tied weights appear once
         if not p.requires_grad:
             continue
@@ -61,34 +71,67 @@ def param_groups(model: nn.Module, weight_decay: float, *,
 
 def build_optimizer(name: str, model: nn.Module, *, lr: float = 1e-3,
                     weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                    tied_weight_as_linear: bool = True, **hparams) -> torch.optim.Optimizer:
+                    tied_weight_as_linear: bool = True, group_hparams: dict | None = None,
+                    **hparams) -> torch.optim.Optimizer:
     """Build optimizer ``name`` over ``model``'s parameters; see the module docstring.
 
     ``hparams`` go to the optimizer's constructor (e.g. ``eps``, ``subset_size``,
     ``chunk_size``, ``fused``); for ``"adamsnsm"``, ``rank`` (default 128) and ``gap``
-    (default 200) apply to the ``matrix`` group.
+    (default 200) apply to the ``matrix`` group. ``group_hparams`` maps group names to
+    settings that override these in that group only.
     """
     if name not in OPTIMIZER_NAMES:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
+    group_hparams = dict(group_hparams or {})
+    unknown = sorted(set(group_hparams) - {*GROUP_NAMES, "tied"})
+    if unknown:
+        raise ValueError(f"unknown group name(s) {', '.join(unknown)} in group_hparams; "
+                         f"choose from {', '.join(GROUP_NAMES)} and tied")
+    for key, settings in group_hparams.items():
+        if not isinstance(settings, dict) or "params" in settings:
+            raise ValueError(f"group_hparams[{key!r}] must be a dict of optimizer settings "
+                             f"such as {{'lr': 3e-3}} (no 'params'), got {settings!r}")
     named = param_groups(model, weight_decay, tied_weight_as_linear=tied_weight_as_linear)
+    kind = {key: key for key in named}  # what a group is: tied keeps the kind it came from
+    if "tied" in group_hparams:
+        named, kind["tied"] = split_tied_weight(model, named)
     decay = {"matrix": weight_decay, "other_weights": weight_decay, "no_decay": 0.0}
-    groups = [{"params": params, "weight_decay": decay[key]} for key, params in named.items() if params]
+    named = {key: params for key, params in named.items() if params}
+    groups = [{"params": params, "weight_decay": decay[kind[key]]} for key, params in named.items()]
+    keys = [kind[key] for key in named]
     if name == "adamw":
         if "foreach" not in hparams:  # torch's fused kernel unless a form is asked for
             hparams.setdefault("fused", True)
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, **hparams)
-    if name == "torch_adafactor":
-        return torch.optim.Adafactor(groups, lr=lr, **hparams)
-    keys = [key for key, params in named.items() if params]
-    if name == "adafactor":
+        optimizer_class, hparams = torch.optim.AdamW, dict(betas=betas, **hparams)
+    elif name == "torch_adafactor":
+        optimizer_class = torch.optim.Adafactor
+    elif name == "adafactor":
         for key, group in zip(keys, groups):
             group["factored"] = key == "matrix"
-        return Adafactor(groups, lr=lr, **hparams)
-    if name == "adamsnsm":
-        rank = hparams.pop("rank", SUBSPACE_RANK)
-        gap = hparams.pop("gap", SUBSPACE_GAP)
-    for key, group in zip(keys, groups):
-        group["subset_norm"] = key == "matrix"
-        if name == "adamsnsm" and key == "matrix":
-            group.update(rank=rank, gap=gap)
-    return AdamSN(groups, lr=lr, betas=betas, **hparams)
+        optimizer_class = Adafactor
+    else:
+        if name == "adamsnsm":
+            rank = hparams.pop("rank", SUBSPACE_RANK)
+            gap = hparams.pop("gap", SUBSPACE_GAP)
+        for key, group in zip(keys, groups):
+            group["subset_norm"] = key == "matrix"
+            if name == "adamsnsm" and key == "matrix":
+                group.update(rank=rank, gap=gap)
+        optimizer_class, hparams = AdamSN, dict(betas=betas, **hparams)
+    for key, group in zip(named, groups):
+        group.update(group_hparams.get(key, {}))
+    return optimizer_class(groups, lr=lr, **hparams)
+
+
+def split_tied_weight(model: nn.Module, named: dict[str, list[nn.Parameter]]):
+    """``named`` with the tied weights moved to a group ``"tied"``, and the group they left."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    tied = {id(m.weight) for m in model.modules()
+            if isinstance(m, nn.Embedding) and id(m.weight) in linear}
+    left = {key for key, params in named.items() if any(id(p) in tied for p in params)}
+    if not left:
+        raise ValueError("group_hparams names a 'tied' group, but the model has no trainable "
+                         "weight shared by an nn.Linear and an nn.Embedding")
+    moved = [p for key in sorted(left) for p in named[key] if id(p) in tied]
+    named = {key: [p for p in params if id(p) not in tied] for key, params in named.items()}
+    return {**named, "tied": moved}, left.pop()
