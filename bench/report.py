@@ -196,11 +196,15 @@ def sweep_table(sweep: dict) -> str:
         base = OPTIMIZER_LABELS[sweep["config"]["variant_of"]]
         lines += ["", f"{base} changed one thing at a time, at its best grid point above (at the lr "
                      f"in the change's name where it has one):", "",
-                  "| change | final train loss | final val loss | val loss vs the grid's best |",
-                  "| --- | ---: | ---: | ---: |"]
+                  "| change | final train loss | final val loss | val loss vs the grid's best "
+                  "| final val loss, whole split |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        whole_split = {r["variant"]: r.get("final_val_loss_whole_split")
+                       for r in sweep["rows"] if r.get("variant")}
         for name, v in variants.items():
+            whole = "n/a" if whole_split.get(name) is None else f"{whole_split[name]:.4f}"
             lines.append(f"| `{name}` | {v['final_train_loss']:.4f} | {v['final_val_loss']:.4f} | "
-                         f"{v['val_loss_change']:+.4f} |")
+                         f"{v['val_loss_change']:+.4f} | {whole} |")
     return "\n".join(lines)
 
 
@@ -211,7 +215,8 @@ def provenance(results: dict[str, dict]) -> str:
         dirty = " (uncommitted changes)" if env.get("git_dirty") else ""
         lines.append(f"- `{suite}`: profile `{doc['profile']}`, {env['utc_time']}, commit "
                      f"`{(env.get('git_commit') or 'unknown')[:7]}`{dirty}, torch {env['torch']}, "
-                     f"{env.get('gpu') or env['cpu']} ({env['torch_threads']} threads)")
+                     f"{env.get('gpu') or env['cpu']} ({env['torch_threads']} "
+                     f"{'thread' if env['torch_threads'] == 1 else 'threads'})")
     missing = [s for s in SUITES if s not in results]
     if missing:
         lines.append(f"- not yet published: {', '.join(f'`{s}`' for s in missing)}")

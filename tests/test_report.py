@@ -147,3 +147,18 @@ def test_bpe_rows_follow_with_their_own_adamw_as_the_state_baseline(tmp_path):
     table = report.training_table(char, None, bpe).splitlines()
     assert table[5].startswith("| AdamW (GPT-2 BPE) |") and "| 8,000 B | 100.0% |" in table[5]
     assert table[6].startswith("| AdamSN (GPT-2 BPE) |") and "| 4,000 B | 50.0% |" in table[6]
+
+
+def test_sweep_table_gives_each_ablations_whole_split_loss_where_it_has_one():
+    best = dict(learning_rate=4e-2, weight_decay=0.01, final_train_loss=1.6, final_val_loss=1.8)
+    rows = [dict(optimizer="adamsn", variant=None, **best),
+            dict(optimizer="adamsn", variant="old", final_val_loss_whole_split=None),
+            dict(optimizer="adamsn", variant="new", final_val_loss_whole_split=1.78875)]
+    rows[1].pop("final_val_loss_whole_split")  # as rows written before the loss existed
+    change = dict(learning_rate=4e-2, weight_decay=0.01, final_train_loss=1.7, final_val_loss=1.81,
+                  val_loss_change=0.01)
+    sweep = {"summary": {"best": {"adamsn": best}, "variants": {"old": change, "new": change}},
+             "config": {"variant_of": "adamsn"}, "rows": rows}
+    lines = report.sweep_table(sweep).splitlines()
+    assert lines[-2] == "| `old` | 1.7000 | 1.8100 | +0.0100 | n/a |"
+    assert lines[-1] == "| `new` | 1.7000 | 1.8100 | +0.0100 | 1.7888 |"
