@@ -93,6 +93,9 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
         "platform": platform.platform(),
         "device_type": device.type,
         "cpu": cpu_model(),
+        # the vector instructions torch's CPU kernels use (e.g. "AVX2", "AVX512"): two hosts
+        # with the same model name may differ, and float results differ with it
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":

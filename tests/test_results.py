@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from memeff.results import (atomic_write, environment, read_results, results_document,
                             validate_results, write_json)
@@ -25,8 +26,9 @@ def test_document_records_environment_and_validates():
                                 [{"x": 1}])
     env = document["environment"]
     for key in ("utc_time", "finished_utc_time", "git_commit", "git_dirty", "python", "torch", "numpy", "cpu",
-                "torch_threads"):
+                "torch_threads", "cpu_capability"):
         assert key in env
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     validate_results(json.loads(json.dumps(document)))
 
 
