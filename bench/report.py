@@ -384,12 +384,13 @@ def loss_vs_state_figure(plt, training: dict):
     for label in headline_labels(training):
         if first[label]["n_kv_head"] != training["config"]["base"]["n_head"]:
             continue  # GQA and MQA change the KV cache, not the optimizer state
-        loss = summary[label]["final_val_loss"]
+        # the whole val split where the run has it (not nanoGPT's noisier 20-batch estimate)
+        loss = summary[label].get("final_val_loss_whole_split", summary[label]["final_val_loss"])
         ax.errorbar([summary[label]["optimizer_state_bytes"] / 2**20], [loss["mean"]],
                     yerr=[[loss["mean"] - loss["min"]], [loss["max"] - loss["mean"]]],
                     marker="o", capsize=3, linestyle="none", label=run_label(first[label]))
     ax.set(xscale="log", xlabel="optimizer state, whole model (MiB, measured)",
-           ylabel="final validation loss (mean; bars: min to max)",
+           ylabel="final val loss, whole split (mean; bars: min to max)",
            title=f"Optimizer memory against final loss, baby GPT, "
                  f"{training['config']['max_iters']} iterations")
     ax.legend(fontsize=7)
