@@ -76,3 +76,12 @@ def test_an_ablation_may_train_at_its_own_learning_rate(tmp_path):
     assert row["learning_rate"] == 1e-2 and row["train_overrides"] == {}
     assert row["optimizer_hparams"] == {"subset_size": 8}
     assert document["summary"]["variants"]["subset-8-lr1e-2"]["learning_rate"] == 1e-2
+
+
+def test_an_ablation_may_train_at_its_own_weight_decay(tmp_path):
+    out = tmp_path / "lr_sweep.json"
+    lr_sweep.sweep(["adamsn"], out, max_iters=3, seed=1, lrs=[1e-3], weight_decays=[0.0])
+    document = lr_sweep.ablate(["wd-3e-2"], out, max_iters=3, seed=1)
+    (row,) = [r for r in document["rows"] if r.get("variant")]
+    assert (row["learning_rate"], row["weight_decay"], row["train_overrides"]) == (1e-3, 3e-2, {})
+    assert document["summary"]["variants"]["wd-3e-2"]["weight_decay"] == 3e-2
