@@ -54,7 +54,7 @@ OPTIMIZER_HPARAMS = {"adamsnsm": {"rank": 32}}
 
 # Ablations of AdamSN (why does it trail AdamW, if it does?), each trained at the lr and
 # weight decay AdamSN's grid found best unless its TrainConfig fields give another
-# learning_rate: name -> (optimizer_hparams, TrainConfig fields).
+# learning_rate or weight_decay: name -> (optimizer_hparams, TrainConfig fields).
 VARIANTS = {
     # no change: the best grid point again, so that ablations trained on another machine than
     # the grid compare with a run from their own (float results differ between hosts)

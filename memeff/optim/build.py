@@ -53,8 +53,7 @@ GROUP_NAMES = ("matrix", "other_weights", "no_decay")
 def param_groups(model: nn.Module, weight_decay: float, *,
                  tied_weight_as_linear: bool = True) -> dict[str, list[nn.Parameter]]:
     """The module docstring's three groups, by name, each parameter listed once."""
-    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    embedding = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    linear, tied = linear_and_tied_weights(model)
     groups: dict[str, list[nn.Parameter]] = {name: [] for name in GROUP_NAMES}
     for p in model.parameters():  # tied weights appear once
         if not p.requires_grad:
@@ -62,11 +61,18 @@ def param_groups(model: nn.Module, weight_decay: float, *,
         key = id(p)
         if p.dim() < 2:
             groups["no_decay"].append(p)
-        elif key in linear and (tied_weight_as_linear or key not in embedding):
+        elif key in linear and (tied_weight_as_linear or key not in tied):
             groups["matrix"].append(p)
         else:
             groups["other_weights"].append(p)
     return groups
+
+
+def linear_and_tied_weights(model: nn.Module) -> tuple[set[int], set[int]]:
+    """``id``s of the ``nn.Linear`` weights, and of those also an ``nn.Embedding``'s."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    embedding = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return linear, linear & embedding
 
 
 def build_optimizer(name: str, model: nn.Module, *, lr: float = 1e-3,
@@ -124,14 +130,13 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float = 1e-3,
 
 
 def split_tied_weight(model: nn.Module, named: dict[str, list[nn.Parameter]]):
-    """``named`` with the tied weights moved to a group ``"tied"``, and the group they left."""
-    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    tied = {id(m.weight) for m in model.modules()
-            if isinstance(m, nn.Embedding) and id(m.weight) in linear}
-    left = {key for key, params in named.items() if any(id(p) in tied for p in params)}
-    if not left:
+    """``named`` with the tied weights moved to a group ``"tied"``, and the group they left
+    (one: ``param_groups`` puts every tied weight in the same group)."""
+    _, tied = linear_and_tied_weights(model)
+    left = next((key for key, params in named.items() if any(id(p) in tied for p in params)), None)
+    if left is None:
         raise ValueError("group_hparams names a 'tied' group, but the model has no trainable "
                          "weight shared by an nn.Linear and an nn.Embedding")
-    moved = [p for key in sorted(left) for p in named[key] if id(p) in tied]
+    moved = [p for p in named[left] if id(p) in tied]
     named = {key: [p for p in params if id(p) not in tied] for key, params in named.items()}
-    return {**named, "tied": moved}, left.pop()
+    return {**named, "tied": moved}, left
