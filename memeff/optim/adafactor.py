@@ -6,7 +6,6 @@ import math
 
 import torch
 from torch.autograd.graph import increment_version
-from torch.utils.weak import WeakIdKeyDictionary
 
 from memeff.optim._common import (
     DEFAULT_CHUNK_SIZE,
@@ -117,24 +116,13 @@ class Adafactor(ChunkedOptimizer):
         (hence RMS(U)) comes from column sums weighted by :math:`1/R_i`, gathered in the
         same pass as the column statistics. Column sums are matrix products, because a
         reduction over dim -2 is very slow on CPU. The compiled kernels do the same ops
-        in the same order in two passes, with RMS(X) gathered in the first on a step that
-        cannot reuse it (next Note): 5 reads and writes per element (G, X; G, X, X), 7
-        with ``beta1``. Only the summation order of the statistics differs from the eager
-        path.
-    .. note::
-        With the compiled kernels and ``scale_parameter``, pass 2 also sums the squares of
-        the X it writes, and the next step takes RMS(X) from that sum instead of reading
-        X again in pass 1: 4 reads and writes per element (G; G, X, X), 6 with ``beta1``.
-        The sum is used only while the tensor is the one it was taken from, with the same
-        storage and the same version counter (which the step advances for the tensors
-        its kernels write, as an in-place op would), so any in-place change to the
-        parameter between steps (``p.mul_``, ``p.copy_``, ``load_state_dict`` on the
-        model, ``nn.init``, another optimizer's step) makes the next step read X again.
-        A write through ``p.data``, which has a version counter of its own, is not seen:
-        after one, call :meth:`forget_parameter_norms`. The sum is not part of
-        ``state_dict()``; pass 1 adds the squares in the same blocks and order, so a
-        loaded optimizer continues with bit-identical values (for the same number of
-        torch threads).
+        in the same order in two passes: pass 1 reads G for the statistics and, with
+        ``scale_parameter``, X for RMS(X); pass 2 reads G and X and writes X (and, with
+        ``beta1``, reads and writes M). That is 5 reads and writes per element (G, X; G,
+        X, X), 7 with ``beta1``, one fewer without ``scale_parameter``. Only the summation
+        order of the statistics and of :math:`\sum X^2` differs from the eager path. On
+        both paths RMS(X) comes from the parameter as it is when the step begins, so a
+        write to it between steps (through ``p.data`` too) enters the next update alike.
     """
 
     NAME = "Adafactor"
@@ -148,17 +136,6 @@ class Adafactor(ChunkedOptimizer):
                         beta1=beta1, factored=factored, relative_step=relative_step,
                         scale_parameter=scale_parameter)
         super().__init__(params, defaults, chunk_size, backend)
-        self.forget_parameter_norms()
-
-    def __setstate__(self, state: dict) -> None:  # unpickling or deepcopy
-        super().__setstate__(state)
-        self.forget_parameter_norms()
-
-    def forget_parameter_norms(self) -> None:
-        """Drop the sums of squares of the parameters kept from the last step (see the
-        class Note): the next step reads every parameter to compute RMS(X)."""
-        # param -> (data_ptr, version counter, sum of squares) after this optimizer's step
-        self._parameter_norms = WeakIdKeyDictionary()
 
     @staticmethod
     def check_hparams(group: dict) -> None:
@@ -199,8 +176,7 @@ class Adafactor(ChunkedOptimizer):
         if compiled is not None and all(
                 value.dtype == work.dtype and value.is_contiguous()
                 for key, value in state.items() if key != "step"):
-            _compiled_update(compiled, work, grad, state, step, group, eps2,
-                             self._parameter_norms)
+            _compiled_update(compiled, work, grad, state, step, group, eps2)
             return
         if group["scale_parameter"]:
             norm = torch.linalg.vector_norm(work, dtype=statistics_dtype(work.dtype)).item()
@@ -315,18 +291,14 @@ def _factored_update(work, grad, state, step: _Step, scratch: Scratch) -> None:
             _apply(w[start:stop], u, exp_avg_c, scale_rows, step, clip)
 
 
-def _compiled_update(compiled, work, grad, state, step: _Step, group: dict, eps2: float,
-                     parameter_norms: WeakIdKeyDictionary) -> None:
+def _compiled_update(compiled, work, grad, state, step: _Step, group: dict, eps2: float) -> None:
     """``_factored_update`` or ``_unfactored_update``, and the parameter scale, in the
     compiled kernels' two passes.
 
-    Pass 1 reads G (and X, for RMS(X_{t-1}), unless ``parameter_norms`` holds its sum of
-    squares from the last pass 2 and X is unchanged since); pass 2 reads G and X, writes X
-    and, with ``scale_parameter``, sums the squares of the new X into ``parameter_norms``.
+    Pass 1 reads G, and X for RMS(X_{t-1}) with ``scale_parameter``; pass 2 reads G and X
+    and writes X.
     """
     scale_parameter = group["scale_parameter"]
-    kept = parameter_norms.get(work)
-    known = (kept is not None and kept[:2] == (work.data_ptr(), work._version))
     exp_avg = state.get("exp_avg")
     momentum = (exp_avg if exp_avg is not None else work, exp_avg is not None,
                 0.0 if step.beta1 is None else step.beta1)
@@ -335,24 +307,20 @@ def _compiled_update(compiled, work, grad, state, step: _Step, group: dict, eps2
         row_means = torch.empty(work.numel() // (n * m), dtype=work.dtype)  # mean(R) per matrix
         statistics = (state["row_var"], state["col_var"], row_means)
         sum_u_squared, sum_param_squared = compiled.adafactor_factored_statistics(
-            grad, work, *statistics, step.beta2_weight, step.eps1, scale_parameter and not known)
+            grad, work, *statistics, step.beta2_weight, step.eps1, scale_parameter)
         apply = compiled.adafactor_factored_apply
     else:
         statistics = (state["variance"],)
         sum_u_squared, sum_param_squared = compiled.adafactor_unfactored_statistics(
-            grad, work, *statistics, step.beta2_weight, step.eps1, scale_parameter and not known)
+            grad, work, *statistics, step.beta2_weight, step.eps1, scale_parameter)
         apply = compiled.adafactor_unfactored_apply
     if scale_parameter:
-        if known:
-            sum_param_squared = kept[2]
         step.alpha *= _parameter_scale(math.sqrt(sum_param_squared), work.numel(), eps2)
-    new_sum_param_squared = apply(work, grad, *statistics, *momentum, step.decay, step.alpha,
-                                  step.clip_scale(sum_u_squared, work.numel()), scale_parameter)
-    # the kernels write through pointers: count their writes as in-place ops would
-    written = [work] + [t for key, t in state.items() if key != "step"]
-    increment_version(written)
-    if scale_parameter:
-        parameter_norms[work] = (work.data_ptr(), work._version, new_sum_param_squared)
+    apply(work, grad, *statistics, *momentum, step.decay, step.alpha,
+          step.clip_scale(sum_u_squared, work.numel()))
+    # the kernels write through pointers: count their writes as in-place ops would, so
+    # that autograd's checks see them
+    increment_version([work] + [t for key, t in state.items() if key != "step"])
 
 
 def _unfactored_update(work, grad, state, step: _Step, scratch: Scratch) -> None:

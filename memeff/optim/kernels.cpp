@@ -303,7 +303,8 @@ std::pair<double, double> adafactor_matrix_statistics(const T* g, const T* w, T*
 
 // Pass 1 of a factored Adafactor step over every (n, m) matrix of the param. Writes each
 // matrix's mean(R) into row_means (one value per matrix) and returns
-// [sum of G^2 / V over the whole tensor, sum of W^2 (0 unless param_norm)].
+// [sum of G^2 / V over the whole tensor, sum of W^2 (0 unless param_norm, which the
+// caller sets when the step scales by RMS(W): W is then read in this pass, every step)].
 std::vector<double> adafactor_factored_statistics(at::Tensor grad, at::Tensor param,
                                                   at::Tensor row_var, at::Tensor col_var,
                                                   at::Tensor row_means, double beta2_weight,
@@ -338,13 +339,10 @@ std::vector<double> adafactor_factored_statistics(at::Tensor grad, at::Tensor pa
 //   U = G * rsqrt(C_j) * sqrt(mean(R) / R_i), clipped by `clip`;
 //   without momentum: W <- W * decay - alpha * clip * U;
 //   with momentum:    M <- lerp(M, clip * U, 1 - beta1); W <- W * decay - alpha * M.
-// With `param_norm`, returns the sum of squares of the new W, summed exactly as pass 1
-// sums the old one (same row blocks, same order), so that the next step's pass 1 may
-// take it instead of reading W again; else returns 0.
-double adafactor_factored_apply(at::Tensor param, at::Tensor grad, at::Tensor row_var,
-                                at::Tensor col_var, at::Tensor row_means, at::Tensor exp_avg,
-                                bool use_momentum, double beta1, double decay, double alpha,
-                                double clip, bool param_norm) {
+void adafactor_factored_apply(at::Tensor param, at::Tensor grad, at::Tensor row_var,
+                              at::Tensor col_var, at::Tensor row_means, at::Tensor exp_avg,
+                              bool use_momentum, double beta1, double decay, double alpha,
+                              double clip) {
   check_tensor(param, param, "param");
   check_tensor(grad, param, "grad");
   check_tensor(row_var, param, "row_var");
@@ -356,15 +354,12 @@ double adafactor_factored_apply(at::Tensor param, at::Tensor grad, at::Tensor ro
   }
   const int64_t n = param.size(-2), cols = param.size(-1);
   const int64_t matrices = n * cols == 0 ? 0 : param.numel() / (n * cols);
-  double sum_param_squared = 0.0;
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "memeff_adafactor_apply", [&] {
     using T = scalar_t;
     const T t_decay = T(decay), t_clip = T(clip), neg_alpha = T(-alpha);
     const T neg_alpha_clip = T(-alpha * clip);  // the eager path's value=-alpha * clip
     const T momentum_weight = T(1 - beta1);
     std::vector<T> scale_cols(cols);
-    const int64_t blocks = row_blocks(n, cols);  // pass 1's blocks, for the same sums
-    std::vector<double> partial_param_squares(blocks, 0.0);
     for (int64_t b = 0; b < matrices; ++b) {
       T* w = param.data_ptr<T>() + b * n * cols;
       const T* g = grad.data_ptr<T>() + b * n * cols;
@@ -392,34 +387,17 @@ double adafactor_factored_apply(at::Tensor param, at::Tensor grad, at::Tensor ro
           }
         }
       };
-      if (!param_norm) {
-        at::parallel_for(0, n, rows_per_task(cols), [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) update_row(i);
-        });
-        continue;
-      }
-      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t k = begin; k < end; ++k) {
-          double param_squares = 0.0;
-          for (int64_t i = block_start(k, blocks, n); i < block_start(k + 1, blocks, n); ++i) {
-            update_row(i);  // the row is still in L1 when it is summed
-            param_squares += double(sum_of_squares(w + i * cols, cols));
-          }
-          partial_param_squares[k] = param_squares;
-        }
+      at::parallel_for(0, n, rows_per_task(cols), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) update_row(i);
       });
-      double matrix_param_squares = 0.0;
-      for (int64_t k = 0; k < blocks; ++k) matrix_param_squares += partial_param_squares[k];
-      sum_param_squared += matrix_param_squares;
     }
   });
-  return sum_param_squared;
 }
 
 // ---- Adafactor, per-element second moment -----------------------------------------------
 
 // Pass 1 of an unfactored step: V <- lerp(V, G^2, w2) + w2 * eps1. Returns
-// [sum of G^2 / V, sum of W^2 (0 unless param_norm)].
+// [sum of G^2 / V, sum of W^2 (0 unless param_norm, as in the factored pass 1)].
 std::vector<double> adafactor_unfactored_statistics(at::Tensor grad, at::Tensor param,
                                                     at::Tensor variance, double beta2_weight,
                                                     double eps1, bool param_norm) {
@@ -459,19 +437,16 @@ std::vector<double> adafactor_unfactored_statistics(at::Tensor grad, at::Tensor 
   return {sum_u_squared, sum_param_squared};
 }
 
-// Pass 2 of an unfactored step: U = rsqrt(V) * G, then as adafactor_factored_apply,
-// whose `param_norm` it shares (the sum of squares of the new W in pass 1's blocks and
-// pieces).
-double adafactor_unfactored_apply(at::Tensor param, at::Tensor grad, at::Tensor variance,
-                                  at::Tensor exp_avg, bool use_momentum, double beta1,
-                                  double decay, double alpha, double clip, bool param_norm) {
+// Pass 2 of an unfactored step: U = rsqrt(V) * G, then as adafactor_factored_apply.
+void adafactor_unfactored_apply(at::Tensor param, at::Tensor grad, at::Tensor variance,
+                                at::Tensor exp_avg, bool use_momentum, double beta1,
+                                double decay, double alpha, double clip) {
   check_tensor(param, param, "param");
   check_tensor(grad, param, "grad");
   check_tensor(variance, param, "variance");
   if (use_momentum) check_tensor(exp_avg, param, "exp_avg");
   const int64_t numel = param.numel();
   TORCH_CHECK(!use_momentum || exp_avg.numel() == numel, "exp_avg must match param");
-  double sum_param_squared = 0.0;
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "memeff_adafactor_unfactored_apply", [&] {
     using T = scalar_t;
     T* w = param.data_ptr<T>();
@@ -480,7 +455,7 @@ double adafactor_unfactored_apply(at::Tensor param, at::Tensor grad, at::Tensor 
     T* m = use_momentum ? exp_avg.data_ptr<T>() : nullptr;
     const T t_decay = T(decay), t_clip = T(clip), neg_alpha = T(-alpha);
     const T neg_alpha_clip = T(-alpha * clip), momentum_weight = T(1 - beta1);
-    auto update = [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, numel, kMinTaskElements, [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
         const T u = T(1) / std::sqrt(v[j]) * g[j];
         if (m == nullptr) {
@@ -491,28 +466,8 @@ double adafactor_unfactored_apply(at::Tensor param, at::Tensor grad, at::Tensor 
           w[j] = w[j] * t_decay + neg_alpha * mj;
         }
       }
-    };
-    if (!param_norm) {
-      at::parallel_for(0, numel, kMinTaskElements, update);
-      return;
-    }
-    const int64_t blocks = row_blocks(numel, 1);  // pass 1's blocks and pieces
-    std::vector<double> partial(blocks, 0.0);
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t start = block_start(b, blocks, numel), stop = block_start(b + 1, blocks, numel);
-        double param_squares = 0.0;
-        for (int64_t piece = start; piece < stop; piece += kPiece) {
-          const int64_t length = std::min(kPiece, stop - piece);
-          update(piece, piece + length);
-          param_squares += double(sum_of_squares(w + piece, length));
-        }
-        partial[b] = param_squares;
-      }
     });
-    for (int64_t b = 0; b < blocks; ++b) sum_param_squared += partial[b];
   });
-  return sum_param_squared;
 }
 
 }  // namespace
@@ -524,12 +479,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("adamsn_step", &adamsn_step, release_gil(),
              "One AdamSN step, subsets = rows or columns");
   module.def("adafactor_factored_statistics", &adafactor_factored_statistics, release_gil(),
-             "Pass 1 of a factored Adafactor step: row and column statistics, sum of U^2");
+             "Pass 1 of a factored Adafactor step: row and column statistics, sum of U^2, "
+             "optionally sum of W^2");
   module.def("adafactor_factored_apply", &adafactor_factored_apply, release_gil(),
-             "Pass 2 of a factored Adafactor step: the update of W (and of M with beta1), "
-             "optionally the sum of squares of the new W");
+             "Pass 2 of a factored Adafactor step: the update of W (and of M with beta1)");
   module.def("adafactor_unfactored_statistics", &adafactor_unfactored_statistics, release_gil(),
-             "Pass 1 of an unfactored Adafactor step: the second moment, sum of U^2");
+             "Pass 1 of an unfactored Adafactor step: the second moment, sum of U^2, "
+             "optionally sum of W^2");
   module.def("adafactor_unfactored_apply", &adafactor_unfactored_apply, release_gil(),
              "Pass 2 of an unfactored Adafactor step");
 }
