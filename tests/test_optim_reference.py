@@ -73,13 +73,16 @@ def reference_adamsn(w0, grads, *, lr, betas, eps, weight_decay, subset_size="au
 
 
 def reference_adafactor(w0, grads, *, lr, beta2_decay=-0.8, eps=(1e-30, 1e-3), d=1.0,
-                        weight_decay=0.0, beta1=None, factored=True):
+                        weight_decay=0.0, beta1=None, factored=True, writes=None):
+    """``writes`` maps a step t to a function giving the parameter that step starts from."""
     eps1, eps2 = eps
     w = w0.clone()
     rms = lambda x: x.pow(2).mean().sqrt()  # noqa: E731
     row = col = var = None
     m = torch.zeros_like(w)
     for t, g in enumerate(grads, start=1):
+        if writes and t in writes:
+            w = writes[t](w)
         beta2 = 1 - t**beta2_decay
         rho = min(lr, 1 / math.sqrt(t))
         alpha = max(eps2, rms(w).item()) * rho
@@ -144,6 +147,30 @@ def test_adafactor_matches_float64_reference(shape, case):
     ours = run_steps(lambda ps: Adafactor(ps, **hp), w0, grads)
     ref = reference_adafactor(w0, grads, **hp)
     assert rel_error(ours, ref, w0) <= 1e-10
+
+
+@pytest.mark.parametrize("backend", ["eager", "auto"])  # auto: the compiled kernels, if built
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("case", ["default", "beta1_decay", "unfactored"])
+def test_adafactor_takes_rms_of_the_parameter_written_through_data(shape, case, backend):
+    hp = dict(lr=1e-2, **ADAFACTOR_CASES[case])
+    w0 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    replacement = 3.0 * torch.randn(shape, dtype=torch.float64,
+                                    generator=torch.Generator().manual_seed(4))
+    grads = _grads(shape)
+    # before steps 4 and 7: scale the parameter, then replace it
+    writes = {4: lambda w: w * 2.0, 7: lambda w: replacement.clone()}
+    p = torch.nn.Parameter(w0.clone())
+    opt = Adafactor([p], backend=backend, **hp)
+    for t, g in enumerate(grads, start=1):
+        if t == 4:
+            p.data.mul_(2.0)
+        elif t == 7:
+            p.data.copy_(replacement)
+        p.grad = g.clone()
+        opt.step()
+    ref = reference_adafactor(w0, grads, writes=writes, **hp)
+    assert rel_error(p.detach(), ref, replacement) <= 1e-10
 
 
 @pytest.mark.parametrize("shape", [(40, 9), (9, 40), (37,), (3, 10, 6)], ids=str)
