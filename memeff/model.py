@@ -4,6 +4,10 @@ Query projections have ``n_head`` heads; key and value projections have ``n_kv_h
 heads, each shared by a group of ``n_head // n_kv_head`` consecutive query heads
 (query head ``h`` reads K/V head ``h // group``). ``n_kv_head == n_head`` is ordinary
 multi-head attention (MHA) and ``n_kv_head == 1`` is multi-query attention (MQA).
+
+A decode step (one new token over the cache) runs one of two attention paths, chosen by
+``decode_attention`` (see ``grouped_attention``); both give the same output to float
+rounding, and ``DECODE_ATTENTION`` is the one the model uses unless told otherwise.
 """
 
 from __future__ import annotations
@@ -14,6 +18,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+DECODE_ATTENTIONS = ("folded", "sdpa")
+# On the CPU "folded" is the faster path for GQA and MQA in float32 and bfloat16 in the
+# kv_cache suite's decode rows (results/cpu/kv_cache.json, summary decode_faster_attention);
+# for MHA the two are the same call.
+DECODE_ATTENTION = "folded"
+
+
+def check_decode_attention(name: str) -> str:
+    if name not in DECODE_ATTENTIONS:
+        raise ValueError(f"decode_attention must be one of {DECODE_ATTENTIONS}, got {name!r}")
+    return name
 
 
 @dataclass
@@ -77,8 +93,9 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, decode_attention: str = DECODE_ATTENTION):
         super().__init__()
+        self.decode_attention = check_decode_attention(decode_attention)
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
         self.head_dim = config.head_dim
@@ -110,28 +127,42 @@ class CausalSelfAttention(nn.Module):
             cache.values[layer][:, :, start:start + T] = v
             k = cache.keys[layer][:, :, :start + T]  # (B, n_kv_head, start + T, head_dim)
             v = cache.values[layer][:, :, :start + T]
-            y = grouped_attention(q, k, v, causal_offset=start)
+            y = grouped_attention(q, k, v, causal_offset=start,
+                                  decode_attention=self.decode_attention)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, n_head * head_dim)
         return self.resid_dropout(self.c_proj(y))
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      causal_offset: int = 0, dropout_p: float = 0.0) -> torch.Tensor:
+                      causal_offset: int = 0, dropout_p: float = 0.0,
+                      decode_attention: str = DECODE_ATTENTION) -> torch.Tensor:
     """Causal attention of q (B, n_head, T, d) over k, v (B, n_kv_head, S, d), S = offset + T.
 
     Query position i (absolute position ``causal_offset + i``) sees keys 0..offset+i.
+
+    One new token (T == 1) sees every key, so no mask is needed, and ``decode_attention``
+    picks how its groups meet their K/V heads:
+
+    - ``"folded"``: a group's ``n_head // n_kv_head`` query heads are laid along the query
+      axis, (B, n_kv_head, group, d), and SDPA runs as MHA over n_kv_head heads; each K/V
+      head is read once, where the CPU kernel walks K/V once per query head under
+      ``enable_gqa``.
+    - ``"sdpa"``: ``F.scaled_dot_product_attention(..., enable_gqa=True)`` as it is.
+
+    The kv_cache bench suite times both; ``DECODE_ATTENTION`` says which one the model
+    uses and why. Longer T always uses SDPA with ``enable_gqa``.
     """
+    check_decode_attention(decode_attention)
     B, n_head, T, d = q.shape
     n_kv_head, S = k.size(1), k.size(2)
     group = n_head // n_kv_head
+    gqa = n_kv_head != n_head
     if T == 1:
-        # One new token sees every cached key, so no mask is needed, and a group's query
-        # heads can be laid along the query axis: each K/V head is then read once, where
-        # the CPU kernel would otherwise walk K/V once per query head.
+        if decode_attention == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=gqa)
         qg = q.reshape(B, n_kv_head, group, d)  # (B, n_kv_head, group, d)
         y = F.scaled_dot_product_attention(qg, k, v, dropout_p=dropout_p)
         return y.reshape(B, n_head, 1, d)
-    gqa = n_kv_head != n_head
     if causal_offset == 0 and S == T:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
                                               enable_gqa=gqa)
@@ -154,10 +185,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, decode_attention: str = DECODE_ATTENTION):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, decode_attention)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -167,14 +198,17 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    """The GPT; ``decode_attention`` picks the decode-step attention path of every layer
+    (``"folded"`` or ``"sdpa"``, see ``grouped_attention``; default ``DECODE_ATTENTION``)."""
+
+    def __init__(self, config: GPTConfig, decode_attention: str = DECODE_ATTENTION):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, decode_attention) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)

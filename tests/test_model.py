@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from memeff import GPT, GPTConfig, KVCache
-from memeff.model import grouped_attention
+from memeff.model import DECODE_ATTENTIONS, grouped_attention
 
 
 def small_config(**overrides) -> GPTConfig:
@@ -69,16 +69,41 @@ def test_grouped_attention_matches_repeat_interleave(n_kv_head, offset, T):
                                rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("decode_attention", DECODE_ATTENTIONS)
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)],
+                         ids=["float32", "float64"])
+@pytest.mark.parametrize("n_kv_head", [8, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_decode_paths_match_float64_reference(n_kv_head, dtype, tolerance, decode_attention):
+    torch.manual_seed(6)
+    q = torch.randn(3, 8, 1, 32, dtype=torch.float64)
+    k = torch.randn(3, n_kv_head, 37, 32, dtype=torch.float64)
+    v = torch.randn(3, n_kv_head, 37, 32, dtype=torch.float64)
+    expected = reference_attention(q, k, v, offset=36)
+    out = grouped_attention(q.to(dtype), k.to(dtype), v.to(dtype), causal_offset=36,
+                            decode_attention=decode_attention)
+    assert out.dtype == dtype and out.shape == expected.shape
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_unknown_decode_attention_raises_value_error():
+    q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="decode_attention"):
+        grouped_attention(q, k, k, causal_offset=4, decode_attention="repeat")
+    with pytest.raises(ValueError, match="decode_attention"):
+        GPT(small_config(), decode_attention="repeat")
+
+
 def test_projection_shapes_follow_kv_heads():
     attn = GPT(small_config(n_kv_head=1)).transformer.h[0].attn
     # Q: n_head * head_dim = 32 rows; K and V: one head of 8 rows each
     assert attn.c_attn.weight.shape == (32 + 2 * 8, 32)
 
 
+@pytest.mark.parametrize("decode_attention", DECODE_ATTENTIONS)
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=lambda n: f"kv{n}")
-def test_cached_logits_equal_uncached_forward(n_kv_head):
+def test_cached_logits_equal_uncached_forward(n_kv_head, decode_attention):
     torch.manual_seed(2)
-    model = GPT(small_config(n_kv_head=n_kv_head)).eval()
+    model = GPT(small_config(n_kv_head=n_kv_head), decode_attention=decode_attention).eval()
     idx = torch.randint(50, (2, 16))
     full, _ = model(idx)
     cache = KVCache(model.config, batch_size=2, max_len=16)
@@ -104,10 +129,11 @@ def uncached_generate(model, idx, max_new_tokens, temperature, top_k, generator)
     return idx, logits_seen
 
 
+@pytest.mark.parametrize("decode_attention", DECODE_ATTENTIONS)
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=lambda n: f"kv{n}")
-def test_generate_matches_uncached_past_block_size(n_kv_head, monkeypatch):
+def test_generate_matches_uncached_past_block_size(n_kv_head, decode_attention, monkeypatch):
     torch.manual_seed(3)
-    model = GPT(small_config(n_kv_head=n_kv_head)).eval()
+    model = GPT(small_config(n_kv_head=n_kv_head), decode_attention=decode_attention).eval()
     prompt = torch.randint(50, (2, 3))
     new_tokens = 40  # 43 tokens, well past block_size 16
     expected, expected_logits = uncached_generate(model, prompt, new_tokens, 0.9, 10,
