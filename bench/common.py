@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import pytest
 import torch
 
-from memeff.results import PROFILES
+from bench.results import PROFILES
 
 # torch._fused_sdp_choice returns the index of torch.nn.attention.SDPBackend's member
 SDPA_BACKENDS = {-1: "error", 0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
@@ -69,35 +69,6 @@ def interleaved_medians(candidates: dict[str, Callable[[], object]], rounds: int
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def optimizer_for(name: str, params, **hparams) -> torch.optim.Optimizer:
-    """Optimizer ``name`` over bare parameters, each given its method's full treatment.
-
-    (``memeff.optim.build_optimizer`` groups a model's parameters by module type; a bare
-    tensor here is treated as the weight the method is meant for, whatever its shape.)
-    """
-    from memeff.optim import Adafactor, AdamSN
-    from memeff.optim.build import SUBSPACE_GAP, SUBSPACE_RANK
-
-    params = list(params)
-    if name == "adamw":
-        return torch.optim.AdamW(params, **hparams)
-    if name == "adamw_fused":
-        return torch.optim.AdamW(params, fused=True, **hparams)
-    if name == "adamw_foreach":
-        return torch.optim.AdamW(params, foreach=True, **hparams)
-    if name == "adamsn":
-        return AdamSN(params, **hparams)
-    if name == "adamsnsm":
-        return AdamSN(params, **{"rank": SUBSPACE_RANK, "gap": SUBSPACE_GAP, **hparams})
-    if name == "adafactor":
-        return Adafactor(params, **hparams)
-    if name == "torch_adafactor":
-        return torch.optim.Adafactor(params, **hparams)
-    if name == "torch_adafactor_foreach":
-        return torch.optim.Adafactor(params, foreach=True, **hparams)
-    raise ValueError(f"unknown optimizer {name!r}")
 
 
 CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator rounds every block up to a multiple of this

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from bench.common import use_shared_copies
-from memeff.results import PROFILES, environment, read_results, results_document, write_json
+from bench.results import PROFILES, environment, read_results, results_document
+from memeff.io import write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_SEED = 1337

@@ -24,8 +24,9 @@ import torch
 
 from bench.common import worker_pool
 from memeff import cli
-from memeff.optim import OPTIMIZER_NAMES
-from memeff.results import environment, read_results, results_document, write_json
+from memeff.optim.registry import OPTIMIZER_NAMES
+from bench.results import environment, read_results, results_document
+from memeff.io import write_json
 from memeff.train import TrainConfig, train
 
 log = logging.getLogger("bench.lr_sweep")

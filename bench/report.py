@@ -18,17 +18,14 @@ from pathlib import Path
 from typing import Sequence
 
 from memeff import cli
-from memeff.results import atomic_write, read_results
+from bench.results import read_results
+from memeff.io import atomic_write
+from memeff.optim.registry import REGISTRY
 from memeff.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = ("kv_cache", "optimizer_state", "step_time", "training", "training_bpe", "lr_sweep")
-OPTIMIZER_LABELS = {
-    "adamw": "AdamW (torch, fused)", "adamw_fused": "AdamW fused (torch)",
-    "adamw_foreach": "AdamW foreach (torch)", "adamsn": "AdamSN", "adamsnsm": "AdamSN+SM",
-    "adafactor": "Adafactor (ours)", "torch_adafactor": "Adafactor (torch)",
-    "torch_adafactor_foreach": "Adafactor (torch, foreach)",
-}
+OPTIMIZER_LABELS = {name: spec.label for name, spec in REGISTRY.items()}
 
 
 def load_results(results_dir: Path) -> dict[str, dict]:

@@ -16,10 +16,9 @@ import math
 import pytest
 import torch
 
-from bench.common import (allocator_bytes, allocator_delta, optimizer_for, require_profile,
-                          synchronized)
+from bench.common import allocator_bytes, allocator_delta, require_profile, synchronized
 from memeff.memory import expected_state_bytes, state_bytes
-from memeff.optim import OPTIMIZER_NAMES
+from memeff.optim import OPTIMIZER_NAMES, build_optimizer_for_tensors
 
 SHAPES = {
     (128, 128): "quick",
@@ -55,14 +54,14 @@ def measure(benchmark, record, device, shape, name, dtype=torch.float32, **hpara
         torch.manual_seed(seed)
         param = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
         param.grad = torch.randn(shape, device=device, dtype=dtype)
-        return param, optimizer_for(name, [param], lr=LR, **hparams)
+        return param, build_optimizer_for_tensors(name, [param], lr=LR, **hparams)
 
     if device.type == "cuda":  # library workspaces (cuBLAS, cuSOLVER) are made once, here
         _, warm_up = step_on_fresh_param(1)
         warm_up.step()
         del warm_up, _
     param, optimizer = step_on_fresh_param(0)
-    adamw_bytes = expected_state_bytes(torch.optim.AdamW([param], lr=LR))
+    adamw_bytes = expected_state_bytes(build_optimizer_for_tensors("adamw", [param], lr=LR))
     analytic = expected_state_bytes(optimizer)
     _, allocated = allocator_delta(optimizer.step, device)  # the first step creates the state
     live = state_bytes(optimizer)

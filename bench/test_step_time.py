@@ -13,11 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.common import (interleaved_medians, optimizer_for, peak_allocated_bytes,
-                          require_profile, synchronized)
+from bench.common import interleaved_medians, peak_allocated_bytes, require_profile, synchronized
 from memeff import GPT, GPTConfig
 from memeff.optim import OPTIMIZER_NAMES, build_optimizer
-from memeff.optim.build import param_groups
 
 MODELS = {
     "baby": (GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65,
@@ -25,13 +23,13 @@ MODELS = {
     "gpt2-124M": (GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024,
                             vocab_size=50257, bias=True), "default", 10),
 }
-# torch's variants, named as bench.common.optimizer_for names them
-TORCH_VARIANTS = ("adamw_foreach", "adamw_fused", "torch_adafactor_foreach")
+# torch's other forms, timed beside the optimizers training compares
+TORCH_VARIANTS = ("adamw_foreach", "torch_adafactor_foreach")
 CANDIDATES = tuple(OPTIMIZER_NAMES) + TORCH_VARIANTS
 HPARAMS = dict(lr=1e-3, weight_decay=0.1)
 # float32 accesses per element a step must make: reads and writes of param, grad and state
 ACCESSES = {
-    "adamw": 7, "adamw_foreach": 7, "adamw_fused": 7,  # p, g, m, v read; p, m, v written
+    "adamw": 7, "adamw_foreach": 7,  # p, g, m, v read; p, m, v written
     "adamsn": 5,  # p, g, m read; p, m written (v is one value per row)
     "adamsnsm": 3,  # p, g read; p written (the momentum is low-rank)
     # Adafactor's row and column statistics need all of G, and its parameter scaling
@@ -53,15 +51,6 @@ def suite_config(profile: str) -> dict:
             "accesses_per_element": ACCESSES, "per_element_accesses": PER_ELEMENT_ACCESSES,
             "train_iteration": {"model": "baby", "batch_size": BATCH_SIZE, "block_size": BLOCK,
                                 "n_kv_heads": list(KV_HEADS)}}
-
-
-def build(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimizers as training builds them; torch's variants with the AdamW grouping."""
-    if name in OPTIMIZER_NAMES:
-        return build_optimizer(name, model, **HPARAMS)
-    groups = [{"params": ps, "weight_decay": HPARAMS["weight_decay"] if key != "no_decay" else 0.0}
-              for key, ps in param_groups(model, HPARAMS["weight_decay"]).items() if ps]
-    return optimizer_for(name, groups, lr=HPARAMS["lr"])
 
 
 def floor_bytes(name: str, optimizer: torch.optim.Optimizer) -> int:
@@ -88,8 +77,8 @@ def timed_model(request, device, profile):
     # each would find them changed by the others between its steps (which makes our
     # Adafactor read them again for RMS(X), see memeff.optim.Adafactor)
     models = {name: model_with_gradients(config, device) for name in CANDIDATES}
-    optimizers = {name: build(name, models[name]) for name in CANDIDATES}
-    n_params = sum(p.numel() for p in models["adamw_fused"].parameters())
+    optimizers = {name: build_optimizer(name, models[name], **HPARAMS) for name in CANDIDATES}
+    n_params = sum(p.numel() for p in models["adamw"].parameters())
     candidates = {name: opt.step for name, opt in optimizers.items()}
     # the bandwidth probe: one in-place add over contiguous buffers as large as the model
     probe_target = torch.zeros(n_params, device=device)
@@ -122,7 +111,7 @@ def test_step_time(benchmark, record, device, timed_model, name):
     floor = floor_bytes(name, optimizer)
     record(model=timed_model["name"], optimizer=name, n_params=timed_model["n_params"],
            interleaved_median_s=medians[name], interleaved_rounds=timed_model["rounds"],
-           ratio_to_adamw_fused=medians[name] / medians["adamw_fused"],
+           ratio_to_adamw_fused=medians[name] / medians["adamw"],
            ratio_to_adamw_foreach=medians[name] / medians["adamw_foreach"],
            ratio_to_torch_adafactor_foreach=medians[name] / medians["torch_adafactor_foreach"],
            ratio_to_torch_adafactor=medians[name] / medians["torch_adafactor"],

@@ -19,26 +19,16 @@ import pytest
 import torch
 
 from bench.common import worker_pool
+from memeff.optim.registry import OPTIMIZER_NAMES, REGISTRY
 from memeff.sample import sample_text
-from memeff.train import (CHECKPOINT_NAME, RESULT_NAME, TrainConfig, TrainResult,
+from memeff.checkpoint import CHECKPOINT_NAME
+from memeff.train import (RESULT_NAME, TrainConfig, TrainResult,
                           config_differences, train)
 
-# Peak lr and weight decay per optimizer; the schedule (100 warmup iterations, cosine to
-# lr/10) and everything else is nanoGPT's baby config. Each value is the best final val
-# loss of this project's sweep (python -m bench.lr_sweep, results/cpu/lr_sweep.json: one
-# seed, 2000 iterations, 6 lrs spanning 100x per optimizer, weight decay 0 and 0.1, and
-# 0.01 for AdamSN): AdamW 3e-3 / 0.1 (val 1.7945; 1.9141 at nanoGPT's 1e-3), AdamSN
-# 4e-2 / 0.01 (1.8020), AdamSN+SM 4e-2 / 0 (1.7793), our Adafactor 6e-2 / 0 (1.7656),
-# torch's Adafactor 6e-2 / 0 (1.7697).
-HPARAMS = {
-    "adamw": dict(learning_rate=3e-3, weight_decay=0.1),
-    "adamsn": dict(learning_rate=4e-2, weight_decay=0.01),
-    # rank 32: the default 128 is full rank for this 128-wide model (subspace momentum
-    # would then be plain AdamSN); 32 keeps a quarter of each weight's momentum
-    "adamsnsm": dict(learning_rate=4e-2, weight_decay=0.0, optimizer_hparams={"rank": 32}),
-    "adafactor": dict(learning_rate=6e-2, weight_decay=0.0),
-    "torch_adafactor": dict(learning_rate=6e-2, weight_decay=0.0),
-}
+# Peak lr and weight decay per optimizer: the registry's settings tuned by the lr sweep
+# (python -m bench.lr_sweep, results/cpu/lr_sweep.json); the schedule and everything else
+# is nanoGPT's baby config.
+HPARAMS = {name: dict(REGISTRY[name].tuned) for name in OPTIMIZER_NAMES}
 # nanoGPT's own settings for the baby config, kept as rows so the earlier fork's table
 # (which used them) compares like for like
 NANOGPT_LR = dict(learning_rate=1e-3, weight_decay=0.1)

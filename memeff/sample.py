@@ -8,20 +8,15 @@ from typing import Sequence
 
 import torch
 
+from memeff import checkpoint as checkpoints
 from memeff import cli
 from memeff.data import bpe_codec, char_codec
 from memeff.model import GPT, GPTConfig
-from memeff.train import CHECKPOINT_NAME
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu"):
     """The model and its text codec (encode, decode) from a checkpoint file or directory."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; train with --out-dir first")
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    checkpoint = checkpoints.load(path, map_location=device)
     model = GPT(GPTConfig(**checkpoint["model_config"]))
     model.load_state_dict(checkpoint["model"])
     model.to(device).eval()

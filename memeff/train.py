@@ -43,55 +43,77 @@ from typing import Any, Sequence
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from memeff import checkpoint as checkpoints
 from memeff import cli, distributed
+from memeff.checkpoint import CHECKPOINT_NAME
 from memeff.data import DATASETS, Dataset, check_holds_a_window, get_batch, load_dataset
 from memeff.memory import state_bytes
 from memeff.model import GPT, GPTConfig
-from memeff.optim import OPTIMIZER_NAMES, build_optimizer
-from memeff.results import atomic_write, write_json
+from memeff.io import write_json
+from memeff.optim import build_optimizer
+from memeff.optim.registry import REGISTRY, spec
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "ckpt.pt"
 RESULT_NAME = "result.json"
 # fields that may differ between a checkpoint and the run that resumes it
 RESUME_MAY_CHANGE = ("out_dir", "resume", "log_interval")
 
 
+def _arg(default: Any, help: str, **kwargs) -> Any:
+    """A TrainConfig field with its --help line."""
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+# betas of the Adam family when --beta1/--beta2 are not given: nanoGPT's baby config
+BABY_BETAS = (0.9, 0.99)
+
+
 @dataclass
 class TrainConfig:
     # data
-    dataset: str = "char"  # "char" (65 symbols) or "bpe" (GPT-2 tokens)
+    dataset: str = _arg("char", "tokens: characters (65 symbols) or GPT-2 BPE",
+                        choices=DATASETS)
     # model
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int | None = None  # None: n_head (MHA)
-    n_embd: int = 128
-    block_size: int = 64
-    dropout: float = 0.0
-    bias: bool = False
+    n_layer: int = _arg(4, "transformer blocks")
+    n_head: int = _arg(4, "query heads per attention layer")
+    n_kv_head: int | None = _arg(None, "K/V heads (GQA); must divide --n-head "
+                                       "(default: --n-head, i.e. MHA; 1 is MQA)")
+    n_embd: int = _arg(128, "embedding width; must be a multiple of --n-head")
+    block_size: int = _arg(64, "context length in tokens")
+    dropout: float = _arg(0.0, "dropout probability")
+    bias: bool = _arg(False, "biases in Linear and LayerNorm layers")
     # optimization
-    optimizer: str = "adamw"
-    optimizer_hparams: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments
-    batch_size: int = 12
-    grad_accum_steps: int = 1
-    max_iters: int = 2000
-    learning_rate: float = 1e-3
-    min_lr: float | None = None  # None: learning_rate / 10, the ratio of nanoGPT's baby config
-    warmup_iters: int = 100
-    lr_decay_iters: int | None = None  # None: max_iters
-    beta1: float = 0.9
-    beta2: float = 0.99
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0  # 0 disables clipping
+    optimizer: str = _arg("adamw", "optimizer, by its name in memeff.optim.registry",
+                          choices=tuple(REGISTRY))
+    optimizer_hparams: dict[str, Any] = _arg({}, "further optimizer settings as a JSON "
+                                                 "object, e.g. '{\"eps\": 1e-10}'")
+    batch_size: int = _arg(12, "sequences per micro-batch (per process under torchrun)")
+    grad_accum_steps: int = _arg(1, "micro-batches per optimizer step")
+    max_iters: int = _arg(2000, "optimizer steps")
+    learning_rate: float = _arg(1e-3, "peak learning rate")
+    min_lr: float | None = _arg(None, "lr at the end of the cosine (default: a tenth of "
+                                      "--learning-rate, the ratio of nanoGPT's baby config)")
+    warmup_iters: int = _arg(100, "iterations of linear lr warmup")
+    lr_decay_iters: int | None = _arg(None, "iteration the cosine reaches --min-lr "
+                                            "(default: --max-iters)")
+    beta1: float | None = _arg(None, "first-moment decay: the Adam family's beta1 (default "
+                                     "0.9), or our Adafactor's optional first moment")
+    beta2: float | None = _arg(None, "the Adam family's second-moment decay (default 0.99); "
+                                     "the Adafactors take none")
+    weight_decay: float = _arg(0.1, "decoupled weight decay of the 2-D weights")
+    grad_clip: float = _arg(1.0, "clip the gradient norm to this; 0 disables clipping")
     # evaluation, logging, checkpoints
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 100
-    seed: int = 1337
-    device: str = "cpu"
-    out_dir: str | None = None  # checkpoints and result.json go here; None writes nothing
-    resume: bool = False
+    eval_interval: int = _arg(250, "iterations between evaluations (and checkpoints)")
+    eval_iters: int = _arg(20, "batches per split in an evaluation")
+    log_interval: int = _arg(100, "iterations between progress lines")
+    seed: int = _arg(1337, "seed of the weights, batches and dropout")
+    device: str = _arg("cpu", "cpu, cuda or cuda:N")
+    out_dir: str | None = _arg(None, "directory for the checkpoint and result.json "
+                                     "(default: write nothing)")
+    resume: bool = _arg(False, "continue the run whose checkpoint is in --out-dir")
 
     def __post_init__(self):
         positive = ("batch_size", "grad_accum_steps", "eval_interval", "eval_iters",
@@ -106,22 +128,24 @@ class TrainConfig:
         if self.lr_decay_iters is not None and self.lr_decay_iters <= self.warmup_iters:
             raise ValueError(f"TrainConfig.lr_decay_iters ({self.lr_decay_iters}) must exceed "
                              f"warmup_iters ({self.warmup_iters})")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"TrainConfig.{f.name} must be a finite number, got {value!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"TrainConfig.learning_rate must be positive, got {self.learning_rate!r}")
         if self.min_lr is not None and self.min_lr < 0:
             raise ValueError(f"TrainConfig.min_lr must be >= 0, got {self.min_lr!r}")
-        for name in ("weight_decay", "grad_clip"):
+        for name in ("weight_decay", "grad_clip", "dropout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"TrainConfig.dataset must be one of {', '.join(DATASETS)}, "
                              f"got {self.dataset!r}")
-        if self.optimizer not in OPTIMIZER_NAMES:
-            raise ValueError(f"TrainConfig.optimizer must be one of {', '.join(OPTIMIZER_NAMES)}, "
-                             f"got {self.optimizer!r}")
+        self.optimizer_settings()  # checks the optimizer's name and settings now
         if self.device_type() not in ("cpu", "cuda"):
             raise ValueError(f"TrainConfig.device must be 'cpu', 'cuda' or 'cuda:N', "
                              f"got {self.device!r}")
@@ -135,6 +159,35 @@ class TrainConfig:
             return torch.device(self.device).type
         except (RuntimeError, TypeError):
             return None
+
+    def optimizer_settings(self) -> dict[str, Any]:
+        """What ``build_optimizer`` gets besides the name, the model and the lr.
+
+        --beta1/--beta2 become the Adam family's ``betas`` and our Adafactor's ``beta1``;
+        an optimizer that takes neither refuses them, and so does ``optimizer_hparams``
+        when it repeats a setting that has a flag of its own.
+        """
+        takes = spec(self.optimizer).settings()
+        flagged = {"lr": "--learning-rate", "weight_decay": "--weight-decay",
+                   "betas": "--beta1/--beta2", "beta1": "--beta1"}
+        repeated = [key for key in self.optimizer_hparams if key in flagged]
+        if repeated:
+            raise ValueError(f"optimizer_hparams sets {', '.join(repeated)}; use "
+                             f"{', '.join(flagged[key] for key in repeated)} instead")
+        settings = dict(self.optimizer_hparams, weight_decay=self.weight_decay)
+        if "betas" in takes:
+            settings["betas"] = tuple(BABY_BETAS[i] if beta is None else beta
+                                      for i, beta in enumerate((self.beta1, self.beta2)))
+        else:
+            for name in ("beta1", "beta2"):
+                if getattr(self, name) is None:
+                    continue
+                if name not in takes:
+                    raise ValueError(f"{self.optimizer} takes no {name} (its settings are "
+                                     f"{', '.join(takes)}); leave --{name} out")
+                settings[name] = getattr(self, name)
+        spec(self.optimizer).check_settings(settings)
+        return settings
 
     @property
     def final_lr(self) -> float:
@@ -166,16 +219,23 @@ class TrainResult:
         return asdict(self)
 
 
-def lr_at(it: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to ``cfg.final_lr`` at ``lr_decay_iters`` (nanoGPT's schedule)."""
+def lr_factor(it: int, cfg: TrainConfig) -> float:
+    """The lr at iteration ``it`` over the peak: linear warmup, then cosine decay to
+    ``cfg.final_lr`` at ``lr_decay_iters`` (nanoGPT's schedule)."""
     decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
+    final = cfg.final_lr / cfg.learning_rate
     if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+        return (it + 1) / (cfg.warmup_iters + 1)
     if it > decay_iters:
-        return cfg.final_lr
+        return final
     ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
-    return cfg.final_lr + coeff * (cfg.learning_rate - cfg.final_lr)
+    return final + coeff * (1.0 - final)
+
+
+def lr_at(it: int, cfg: TrainConfig) -> float:
+    """The peak lr's schedule, as the optimizer's scheduler sets it."""
+    return cfg.learning_rate * lr_factor(it, cfg)
 
 
 @torch.no_grad()
@@ -273,9 +333,8 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
         raise ValueError(f"{checkpoint_path} already exists; pass --resume to continue that run, "
                          f"or choose another --out-dir")
     if cfg.resume:
-        if not checkpoint_path.is_file():
-            raise FileNotFoundError(f"cannot resume: no checkpoint at {checkpoint_path}")
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        checkpoints.remove_stale_temporaries(cfg.out_dir)
+        checkpoint = checkpoints.load(checkpoint_path)
         _check_resumable(checkpoint["train_config"], cfg)
         saved_world_size = checkpoint.get("world_size", 1)
         if saved_world_size != world_size:
@@ -286,10 +345,9 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
     data = load_dataset(cfg.dataset)
     model = GPT(cfg.model_config(data.vocab_size)).to(device)
     optimizer = build_optimizer(cfg.optimizer, model, lr=cfg.learning_rate,
-                                weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
-                                **cfg.optimizer_hparams)
-    # a group may have its own peak lr (build_optimizer's group_hparams): keep the ratios
-    lr_scales = [group["lr"] / cfg.learning_rate for group in optimizer.param_groups]
+                                **cfg.optimizer_settings())
+    # every group's lr follows the schedule from its own peak (build_optimizer's group_hparams)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
     if rank > 0:  # its own dropout masks; rank 0 continues the single-process stream
         torch.manual_seed(cfg.seed + rank)
     batch_generator = torch.Generator().manual_seed(cfg.seed)  # the same on every rank
@@ -298,13 +356,11 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
         batch_generator.set_state(checkpoint["batch_generator"])
-        # dropout draws from the global RNG, one state per rank
-        # (checkpoints from before DDP hold one state under the singular key)
-        torch.set_rng_state(checkpoint.get("rng_states", [checkpoint.get("rng_state")])[rank])
+        torch.set_rng_state(checkpoint["rng_states"][rank])  # dropout: one state per rank
         if device.type == "cuda":
-            cuda_states = checkpoint.get("cuda_rng_states", [checkpoint.get("cuda_rng_state")])
-            torch.cuda.set_rng_state(cuda_states[rank], device)
+            torch.cuda.set_rng_state(checkpoint["cuda_rng_states"][rank], device)
         evals = list(checkpoint["evals"])
         start_iter = checkpoint["iter"]
         if is_main:
@@ -324,6 +380,7 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
         state = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
             "iter": it,
             "train_config": asdict(cfg),
             "model_config": asdict(model.config),
@@ -336,7 +393,7 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
         }
         if cuda_rng_states is not None:
             state["cuda_rng_states"] = cuda_rng_states
-        atomic_write(checkpoint_path, lambda f: torch.save(state, f))
+        checkpoints.save(checkpoint_path, state)
 
     global_batch_size = cfg.batch_size * world_size
     tokens_per_iter = global_batch_size * cfg.block_size * cfg.grad_accum_steps
@@ -344,9 +401,6 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
     step_seconds: list[float] = []
     it = start_iter
     while True:
-        lr = lr_at(it, cfg)
-        for group, scale in zip(optimizer.param_groups, lr_scales):
-            group["lr"] = lr * scale
         due = it % cfg.eval_interval == 0 or it == cfg.max_iters
         if due and not (checkpoint is not None and it == start_iter):  # its eval is in evals
             if is_main:  # the other ranks wait for it in the next gradient all-reduce
@@ -372,6 +426,7 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -381,7 +436,7 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
             recent = statistics.median(step_seconds[-cfg.log_interval:])
             eta = recent * (cfg.max_iters - it - 1)
             log.info("iter %d/%d: loss %.4f, lr %.2e, %.1f ms/iter, %.0f s left", it,
-                     cfg.max_iters, loss.item(), lr, 1000 * recent, eta)
+                     cfg.max_iters, loss.item(), lr_at(it, cfg), 1000 * recent, eta)
         it += 1
 
     whole_split_val_loss = None
@@ -431,15 +486,17 @@ def _parser() -> argparse.ArgumentParser:
              "float | None": float}
     for f in fields(TrainConfig):
         flags = ["--" + f.name.replace("_", "-")] + (["--lr"] if f.name == "learning_rate" else [])
+        help_text = f.metadata["help"]
         if f.name == "optimizer_hparams":
-            parser.add_argument(*flags, type=_json_object, default={},
-                                help='extra optimizer arguments as a JSON object, '
-                                     'e.g. \'{"eps": 1e-10}\'')
+            parser.add_argument(*flags, type=_json_object, default={}, help=help_text)
         elif f.type == "bool":
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f"{help_text} (default: {'on' if f.default else 'off'})")
         else:
-            parser.add_argument(*flags, type=types[f.type], default=f.default,
-                                help=f"(default: {f.default})")
+            if f.default is not None:
+                help_text += f" (default: {f.default})"
+            parser.add_argument(*flags, type=types[f.type], default=f.default, help=help_text,
+                                choices=f.metadata.get("choices"))
     return parser
 
 

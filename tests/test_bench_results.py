@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from memeff.results import read_results
+from bench.results import read_results
 
 REPO = Path(__file__).resolve().parents[1]
 INTERRUPT_PLUGIN = '''

@@ -53,3 +53,14 @@ def test_sample_bad_arguments_exit_2_with_one_line(tmp_path, args, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_train_help_describes_every_flag_and_lists_the_choices():
+    from memeff.optim import REGISTRY
+    from memeff.train import _parser
+
+    parser = _parser()
+    for action in parser._actions:
+        assert action.help, f"{action.option_strings} has no description"
+    text = parser.format_help()
+    assert all(name in text for name in REGISTRY) and "{char,bpe}" in text

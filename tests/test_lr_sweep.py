@@ -3,7 +3,7 @@
 import pytest
 
 import bench.lr_sweep as lr_sweep
-from memeff.results import read_results
+from bench.results import read_results
 
 
 def test_sweep_writes_each_run_and_resumes(tmp_path, monkeypatch):

@@ -61,7 +61,7 @@ def test_missing_suite_leaves_a_pending_note():
 def training_document(tmp_path):
     """A small training results file in the suite's own format, run through its summary."""
     from bench.test_training import summarize
-    from memeff.results import environment, results_document
+    from bench.results import environment, results_document
 
     def row(label, optimizer, n_kv_head, seed, val, state, whole_split=True):
         evals = [{"iter": 0, "train_loss": 4.2, "val_loss": 4.2},

@@ -1,4 +1,4 @@
-"""Results files: the schema every committed file must meet, and atomic writes."""
+"""Results files: the schema every committed file must meet, and their provenance."""
 
 import json
 from pathlib import Path
@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memeff.results import (atomic_write, environment, read_results, results_document,
-                            validate_results, write_json)
+from bench.results import environment, read_results, results_document, validate_results
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 COMMITTED = sorted(RESULTS.glob("*/*.json"))
@@ -54,22 +53,8 @@ def test_read_results_rejects_invalid_json(tmp_path):
         read_results(path)
 
 
-def test_interrupted_write_keeps_the_previous_file(tmp_path):
-    path = tmp_path / "suite.json"
-    write_json(path, {"old": True})
-
-    def fail_half_way(f):
-        f.write(b'{"new": ')
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write(path, fail_half_way)
-    assert json.loads(path.read_text()) == {"old": True}
-    assert [p.name for p in tmp_path.iterdir()] == ["suite.json"]
-
-
 def test_outside_git_the_commit_comes_from_the_environment(tmp_path, monkeypatch):
-    from memeff.results import git_state
+    from bench.results import git_state
 
     monkeypatch.delenv("MEMEFF_SOURCE_COMMIT", raising=False)
     assert git_state(tmp_path) == {"commit": None, "dirty": None}
@@ -80,7 +65,7 @@ def test_outside_git_the_commit_comes_from_the_environment(tmp_path, monkeypatch
 def test_changed_results_and_plots_do_not_make_the_tree_dirty(tmp_path):
     import subprocess
 
-    from memeff.results import git_state
+    from bench.results import git_state
 
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)

@@ -1,5 +1,7 @@
 """Training: the loss falls, runs are deterministic, and resuming continues the same trajectory."""
 
+import math
+
 import pytest
 import torch
 
@@ -30,7 +32,8 @@ def test_defaults_are_the_baby_gpt_config():
     cfg = TrainConfig()
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.batch_size) == (4, 4, 128, 64, 12)
     assert (cfg.max_iters, cfg.learning_rate, cfg.final_lr, cfg.warmup_iters) == (2000, 1e-3, 1e-4, 100)
-    assert (cfg.beta2, cfg.weight_decay, cfg.grad_clip, cfg.dropout) == (0.99, 0.1, 1.0, 0.0)
+    assert (cfg.weight_decay, cfg.grad_clip, cfg.dropout) == (0.1, 1.0, 0.0)
+    assert cfg.optimizer_settings()["betas"] == (0.9, 0.99)
     assert (cfg.eval_interval, cfg.eval_iters) == (250, 20)
 
 
@@ -167,10 +170,25 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     (dict(device="foo"), "device must be 'cpu', 'cuda' or 'cuda:N', got 'foo'"),
     (dict(device="cuda:x"), "device"),
     (dict(device="meta"), "device"),
+    (dict(learning_rate=math.inf), "learning_rate must be a finite number"),
+    (dict(min_lr=math.nan), "min_lr must be a finite number"),
+    (dict(weight_decay=math.nan), "weight_decay must be a finite number"),
+    (dict(grad_clip=math.nan), "grad_clip must be a finite number"),
+    (dict(optimizer="adafactor", beta2=0.9), "adafactor takes no beta2"),
+    (dict(optimizer="torch_adafactor", beta1=0.9), "torch_adafactor takes no beta1"),
+    (dict(optimizer_hparams={"lr": 1e-3}), "optimizer_hparams sets lr; use --learning-rate"),
+    (dict(optimizer_hparams={"betas": [0.9, 0.9]}), "use --beta1/--beta2"),
+    (dict(optimizer_hparams={"foo": 1}), "adamw does not take foo"),
+    (dict(optimizer="adamw", optimizer_hparams={"rank": 4}), "adamw does not take rank"),
 ])
 def test_bad_train_config_names_the_field(fields, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**fields)
+
+
+def test_beta1_is_our_adafactors_first_moment():
+    assert TrainConfig(optimizer="adafactor", beta1=0.9).optimizer_settings()["beta1"] == 0.9
+    assert "beta1" not in TrainConfig(optimizer="adafactor").optimizer_settings()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")

@@ -19,7 +19,7 @@ from memeff.optim._common import (
     largest_divisor_at_most,
 )
 
-__all__ = ["AdamSN", "subset_layout"]
+__all__ = ["AdamSN", "subset_count", "subset_layout"]
 
 
 def subset_layout(shape: torch.Size | tuple[int, ...], subset_size="auto", subset_norm: bool = True):
@@ -42,6 +42,12 @@ def subset_layout(shape: torch.Size | tuple[int, ...], subset_size="auto", subse
         return None if n == 1 else (n, m, True)
     size = largest_divisor_at_most(numel, subset_size)
     return None if size == 1 else (numel // size, size, False)
+
+
+def subset_count(shape: torch.Size | tuple[int, ...], subset_size="auto",
+                 subset_norm: bool = True) -> int:
+    """Values of the second moment of a tensor of ``shape``: one per subset."""
+    return math.prod(_second_moment_shape(shape, subset_layout(shape, subset_size, subset_norm)))
 
 
 def _second_moment_shape(shape, layout) -> tuple[int, ...]:

@@ -24,13 +24,9 @@ group it leaves and then these: ``{"tied": {"subset_size": 128}}`` gives AdamSN 
 subset per row of a (vocab, 128) table, i.e. one per token. A group's ``lr`` is its peak:
 ``memeff.train``'s schedule scales every group's lr by the same factor.
 
-``"adamw"`` (torch.optim.AdamW, in its ``fused=True`` form unless ``foreach`` or
-``fused`` is passed: torch's fastest on CPU and CUDA, which nanoGPT picks where it can)
-and ``"torch_adafactor"`` (torch.optim.Adafactor, which factors every tensor of 2+ dims
-and has no per-group switch) use the same groups, which only differ for them in weight
-decay. The ``betas`` argument is used by the Adam family;
-the Adafactors ignore it (their second-moment decay follows ``1 - t^-0.8``; pass
-``beta1=...`` for our Adafactor's optional first moment).
+Every optimizer is built through its spec in :mod:`memeff.optim.registry`, which says
+what each group's kind means to it (``"adamw"`` and ``"torch_adafactor"`` treat the groups
+alike apart from weight decay) and which settings it takes.
 """
 
 from __future__ import annotations
@@ -38,23 +34,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from memeff.optim.adafactor import Adafactor
-from memeff.optim.adamsn import AdamSN
-
-OPTIMIZER_NAMES = ("adamw", "adamsn", "adamsnsm", "adafactor", "torch_adafactor")
-
-SUBSPACE_RANK = 128  # the issue's defaults for "adamsnsm": rank and projector refresh gap
-SUBSPACE_GAP = 200
+from memeff.optim.registry import GROUP_KINDS, spec
 
 
-GROUP_NAMES = ("matrix", "other_weights", "no_decay")
-
-
-def param_groups(model: nn.Module, weight_decay: float, *,
+def param_groups(model: nn.Module, *,
                  tied_weight_as_linear: bool = True) -> dict[str, list[nn.Parameter]]:
     """The module docstring's three groups, by name, each parameter listed once."""
     linear, tied = linear_and_tied_weights(model)
-    groups: dict[str, list[nn.Parameter]] = {name: [] for name in GROUP_NAMES}
+    groups: dict[str, list[nn.Parameter]] = {kind: [] for kind in GROUP_KINDS}
     for p in model.parameters():  # tied weights appear once
         if not p.requires_grad:
             continue
@@ -76,57 +63,42 @@ def linear_and_tied_weights(model: nn.Module) -> tuple[set[int], set[int]]:
 
 
 def build_optimizer(name: str, model: nn.Module, *, lr: float = 1e-3,
-                    weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                    tied_weight_as_linear: bool = True, group_hparams: dict | None = None,
-                    **hparams) -> torch.optim.Optimizer:
+                    weight_decay: float = 0.0, tied_weight_as_linear: bool = True,
+                    group_hparams: dict | None = None, **settings) -> torch.optim.Optimizer:
     """Build optimizer ``name`` over ``model``'s parameters; see the module docstring.
 
-    ``hparams`` go to the optimizer's constructor (e.g. ``eps``, ``subset_size``,
-    ``chunk_size``, ``fused``); for ``"adamsnsm"``, ``rank`` (default 128) and ``gap``
-    (default 200) apply to the ``matrix`` group. ``group_hparams`` maps group names to
-    settings that override these in that group only.
+    ``settings`` go to the optimizer's constructor (e.g. ``betas``, ``eps``,
+    ``subset_size``, ``fused``; ``rank`` and ``gap`` of ``"adamsnsm"`` apply to the
+    ``matrix`` group); a setting the optimizer does not take is a ValueError naming the
+    ones it does. ``group_hparams`` maps group names to settings that override these in
+    that group only.
     """
-    if name not in OPTIMIZER_NAMES:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
+    optimizer_spec = spec(name)
+    optimizer_spec.check_settings(settings)
     group_hparams = dict(group_hparams or {})
-    unknown = sorted(set(group_hparams) - {*GROUP_NAMES, "tied"})
+    unknown = sorted(set(group_hparams) - {*GROUP_KINDS, "tied"})
     if unknown:
         raise ValueError(f"unknown group name(s) {', '.join(unknown)} in group_hparams; "
-                         f"choose from {', '.join(GROUP_NAMES)} and tied")
-    for key, settings in group_hparams.items():
-        if not isinstance(settings, dict) or "params" in settings:
+                         f"choose from {', '.join(GROUP_KINDS)} and tied")
+    for key, overrides in group_hparams.items():
+        if not isinstance(overrides, dict) or "params" in overrides:
             raise ValueError(f"group_hparams[{key!r}] must be a dict of optimizer settings "
-                             f"such as {{'lr': 3e-3}} (no 'params'), got {settings!r}")
-    named = param_groups(model, weight_decay, tied_weight_as_linear=tied_weight_as_linear)
+                             f"such as {{'lr': 3e-3}} (no 'params'), got {overrides!r}")
+    named = param_groups(model, tied_weight_as_linear=tied_weight_as_linear)
     kind = {key: key for key in named}  # what a group is: tied keeps the kind it came from
     if "tied" in group_hparams:
         named, kind["tied"] = split_tied_weight(model, named)
     decay = {"matrix": weight_decay, "other_weights": weight_decay, "no_decay": 0.0}
-    named = {key: params for key, params in named.items() if params}
-    groups = [{"params": params, "weight_decay": decay[kind[key]]} for key, params in named.items()]
-    keys = [kind[key] for key in named]
-    if name == "adamw":
-        if "foreach" not in hparams:  # torch's fused kernel unless a form is asked for
-            hparams.setdefault("fused", True)
-        optimizer_class, hparams = torch.optim.AdamW, dict(betas=betas, **hparams)
-    elif name == "torch_adafactor":
-        optimizer_class = torch.optim.Adafactor
-    elif name == "adafactor":
-        for key, group in zip(keys, groups):
-            group["factored"] = key == "matrix"
-        optimizer_class = Adafactor
-    else:
-        if name == "adamsnsm":
-            rank = hparams.pop("rank", SUBSPACE_RANK)
-            gap = hparams.pop("gap", SUBSPACE_GAP)
-        for key, group in zip(keys, groups):
-            group["subset_norm"] = key == "matrix"
-            if name == "adamsnsm" and key == "matrix":
-                group.update(rank=rank, gap=gap)
-        optimizer_class, hparams = AdamSN, dict(betas=betas, **hparams)
-    for key, group in zip(named, groups):
-        group.update(group_hparams.get(key, {}))
-    return optimizer_class(groups, lr=lr, **hparams)
+    groups = [{"params": params, "kind": kind[key], "weight_decay": decay[kind[key]],
+               **group_hparams.get(key, {})}
+              for key, params in named.items() if params]
+    return optimizer_spec.build(groups, lr=lr, **settings)
+
+
+def build_optimizer_for_tensors(name: str, params, **settings) -> torch.optim.Optimizer:
+    """Optimizer ``name`` over bare tensors, each treated as the weight the method is meant
+    for (subset-norm, factoring, subspace momentum) whatever its shape."""
+    return spec(name).build([{"params": list(params), "kind": "matrix"}], **settings)
 
 
 def split_tied_weight(model: nn.Module, named: dict[str, list[nn.Parameter]]):

@@ -1,4 +1,4 @@
-"""Results files: atomic writes and the environment every result records."""
+"""Results files: their schema, the profiles, and the environment every result records."""
 
 from __future__ import annotations
 
@@ -6,37 +6,11 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import Any
 
 import torch
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write ``path`` through ``write(file)`` into a temporary file, then rename it over.
-
-    An interruption at any point leaves the previous file (or no file) in place.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as indented JSON, atomically."""
-    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _utc_now() -> str:
@@ -51,7 +25,7 @@ def git_state(repo: str | os.PathLike | None = None) -> dict[str, Any]:
 
     Files under ``results/`` and ``plots/`` do not count: they are what runs write (a
     sweep rewrites its results file after every run), not the code that ran.
-    Outside git (a copied tree, e.g. on a lent GPU machine) the commit is
+    Outside git (a copied tree, e.g. on another machine) the commit is
     ``$MEMEFF_SOURCE_COMMIT`` when set, and whether the tree differs is unknown (None).
     """
     cwd = Path(repo) if repo is not None else Path(__file__).resolve().parent
