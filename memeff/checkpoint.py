@@ -52,12 +52,17 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     path = checkpoint_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train with --out-dir first")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt); train "
+                         f"again into a new --out-dir")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise ValueError(f"{path} is not a readable checkpoint (corrupt: {type(exc).__name__});"
+                             f" train again into a new --out-dir") from None
         raise ValueError(f"{path} holds objects other than tensors and plain values, which "
-                         f"memeff does not load ({str(exc).splitlines()[0]}); use a "
-                         f"checkpoint written by memeff.train") from None
+                         f"memeff does not load; use a checkpoint written by memeff.train") from None
     except (EOFError, OSError, RuntimeError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt: "
                          f"{type(exc).__name__}); train again into a new --out-dir") from None

@@ -23,7 +23,7 @@ rounding (with dropout they differ: rank r > 0 draws its masks from the seed ``s
 Gradients are all-reduced only in the last micro-step's backward. Rank 0 alone evaluates
 (on global batches), logs and writes the checkpoint (which keeps every rank's RNG state)
 and ``result.json``; the optimizer state is replicated on every rank. A single process
-runs exactly as before DDP existed.
+makes no collective calls.
 """
 
 from __future__ import annotations
@@ -211,8 +211,9 @@ class TrainResult:
     final_train_loss: float
     final_val_loss: float  # from the last evaluation: eval_iters batches, as nanoGPT
     final_val_loss_whole_split: float  # the final model over every token of the val split
-    median_ms_per_iter: float  # over the optimizer steps this call ran (rank 0's)
-    tokens_per_s: float  # of the global batch: all ranks together
+    # over the optimizer steps this call ran (rank 0's); None when it ran none
+    median_ms_per_iter: float | None
+    tokens_per_s: float | None  # of the global batch: all ranks together
     iters_run: int  # optimizer steps this call ran (fewer than max_iters after a resume)
 
     def to_dict(self) -> dict[str, Any]:
@@ -341,6 +342,11 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
             raise ValueError(f"cannot resume: the checkpoint was written by {saved_world_size} "
                              f"process(es) and this run has {world_size}; resume with "
                              f"--nproc_per_node={saved_world_size}, or use another --out-dir")
+        result_path = Path(cfg.out_dir) / RESULT_NAME
+        if checkpoint["iter"] >= cfg.max_iters and result_path.is_file():
+            if is_main:
+                log.info("%s holds a finished run: nothing to train", cfg.out_dir)
+            return TrainResult(**json.loads(result_path.read_text(encoding="utf-8")))
 
     data = load_dataset(cfg.dataset)
     model = GPT(cfg.model_config(data.vocab_size)).to(device)
@@ -445,7 +451,7 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
         log.info("final val loss over the whole val split (%d tokens): %.4f",
                  len(data.val), whole_split_val_loss)
     whole_split_val_loss = distributed.broadcast_from_main(whole_split_val_loss)
-    median_s = statistics.median(step_seconds) if step_seconds else float("nan")
+    median_s = statistics.median(step_seconds) if step_seconds else None
     state_bytes_per_rank = distributed.all_gather(state_bytes(optimizer))
     evals = distributed.broadcast_from_main(evals)
     result = TrainResult(
@@ -458,8 +464,8 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
         final_train_loss=evals[-1]["train_loss"],
         final_val_loss=evals[-1]["val_loss"],
         final_val_loss_whole_split=whole_split_val_loss,
-        median_ms_per_iter=1000 * median_s,
-        tokens_per_s=tokens_per_iter / median_s,
+        median_ms_per_iter=None if median_s is None else 1000 * median_s,
+        tokens_per_s=None if median_s is None else tokens_per_iter / median_s,
         iters_run=len(step_seconds),
     )
     if cfg.out_dir and is_main:

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from memeff import data
-from memeff.data import (TINY_SHAKESPEARE_BYTES, get_batch, load_dataset,
-                         tiny_shakespeare_path)
+from memeff.data import get_batch, load_dataset, tiny_shakespeare_path
 
 
 def test_char_dataset_round_trips_the_text(char_data):
@@ -103,7 +102,3 @@ def test_override_without_the_file_names_the_variable(tmp_path, monkeypatch):
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
     with pytest.raises(FileNotFoundError, match=data.DATA_DIR_ENV):
         tiny_shakespeare_path()
-
-
-def test_real_text_has_the_published_size(real_text):
-    assert len(real_text) == TINY_SHAKESPEARE_BYTES
