@@ -7,12 +7,33 @@ import logging
 import sys
 from typing import Callable, NoReturn, Sequence
 
+import torch
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """An argparse parser whose usage errors are one line on stderr and exit code 2."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def check_device(text: str) -> torch.device:
+    """The device ``text`` names, checked to exist here: a ValueError says what to do instead."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {text!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {text!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {text!r}, but torch sees no GPU (torch {torch.__version__}, "
+                             f"built for CUDA {torch.version.cuda}); install a CUDA build of "
+                             f"torch or use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {text!r}, but torch sees {torch.cuda.device_count()} GPU(s); "
+                             f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:

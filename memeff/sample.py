@@ -34,6 +34,7 @@ def sample_text(checkpoint: str | Path, prompt: str = "\n", max_new_tokens: int 
 
     Generation uses the KV cache; the same checkpoint, prompt and seed give the same text.
     """
+    cli.check_device(device)
     if num_samples <= 0:
         raise ValueError(f"num_samples must be positive, got {num_samples}")
     model, encode, decode = load_checkpoint(checkpoint, device)
@@ -52,12 +53,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 description="Sample text from a memeff checkpoint.")
     parser.add_argument("checkpoint", help="checkpoint file, or the --out-dir of a training run")
     parser.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    parser.add_argument("--max-new-tokens", type=int, default=500, help="(default: 500)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="(default: 0.8)")
-    parser.add_argument("--top-k", type=int, default=200, help="(default: 200)")
-    parser.add_argument("--num-samples", type=int, default=1, help="(default: 1)")
-    parser.add_argument("--seed", type=int, default=1337, help="(default: 1337)")
-    parser.add_argument("--device", default="cpu", help="(default: cpu)")
+    parser.add_argument("--max-new-tokens", type=int, default=500,
+                        help="tokens to generate after the prompt (default: 500)")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="softmax temperature; lower is more conservative (default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=200,
+                        help="sample among the k likeliest tokens (default: 200)")
+    parser.add_argument("--num-samples", type=int, default=1,
+                        help="continuations to generate (default: 1)")
+    parser.add_argument("--seed", type=int, default=1337,
+                        help="seed of the sampling (default: 1337)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     args = parser.parse_args(argv)
     samples = sample_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature,
                           args.top_k, args.seed, args.num_samples, args.device)

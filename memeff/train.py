@@ -313,10 +313,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     group (unless the caller already holds one) and leaves it on return or error; every
     rank returns the same result, with rank 0's timings and evaluations.
     """
-    if cfg.device_type() == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"TrainConfig.device is {cfg.device!r}, but torch sees no GPU "
-                           f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
-                           "install a CUDA build of torch or use device='cpu'")
+    cli.check_device(cfg.device)
     with distributed.process_group(torch.device(cfg.device).type):
         device = distributed.local_device(torch.device(cfg.device))
         cuda_devices = [device] if device.type == "cuda" else []

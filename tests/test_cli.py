@@ -64,3 +64,10 @@ def test_train_help_describes_every_flag_and_lists_the_choices():
         assert action.help, f"{action.option_strings} has no description"
     text = parser.format_help()
     assert all(name in text for name in REGISTRY) and "{char,bpe}" in text
+
+
+@pytest.mark.parametrize("device, message", [("foo", "not a device"), ("meta", "use cpu, cuda")])
+def test_sample_on_a_device_that_does_not_exist_is_one_line(tmp_path, device, message):
+    sampled = run("memeff.sample", str(tmp_path), "--device", device)
+    assert sampled.returncode == 2
+    assert message in sampled.stderr and "Traceback" not in sampled.stderr

@@ -193,6 +193,8 @@ def test_beta1_is_our_adafactors_first_moment():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
 def test_cuda_device_without_a_gpu_is_a_clear_error(tmp_path):
-    with pytest.raises(RuntimeError, match="torch sees no GPU"):
+    with pytest.raises(ValueError, match="torch sees no GPU"):
         train(TrainConfig(**TINY, device="cuda", out_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="torch sees no GPU"):
+        train(TrainConfig(**TINY, device="cuda:1", out_dir=str(tmp_path)))
     assert not any(tmp_path.iterdir())  # nothing written
