@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 
 def _new_file_mode() -> int:
@@ -45,3 +47,35 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as indented, strict JSON (NaN and infinity are errors), atomically."""
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | os.PathLike) -> Iterator[None]:
+    """Hold ``directory`` (created if missing) for this process for the block.
+
+    A second holder fails at once with a ValueError naming the process that holds it, so
+    two runs never write into one directory. A directory that cannot be made or written
+    is a ValueError before any work starts. The lock ends with the process, however it ends.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, _new_file_mode())
+    except OSError as exc:
+        raise ValueError(f"cannot write into {directory} ({exc.strerror}); choose a writable "
+                         f"directory") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ValueError(f"{directory} is in use by another run (process {holder}); wait "
+                             f"for it or choose another directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -49,7 +49,7 @@ from memeff.checkpoint import CHECKPOINT_NAME
 from memeff.data import DATASETS, Dataset, check_holds_a_window, get_batch, load_dataset
 from memeff.memory import state_bytes
 from memeff.model import GPT, GPTConfig
-from memeff.io import write_json
+from memeff.io import directory_lock, write_json
 from memeff.optim import build_optimizer
 from memeff.optim.registry import REGISTRY, spec
 
@@ -314,10 +314,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     rank returns the same result, with rank 0's timings and evaluations.
     """
     cli.check_device(cfg.device)
+    if cfg.resume and not (Path(cfg.out_dir) / CHECKPOINT_NAME).is_file():
+        raise FileNotFoundError(f"cannot resume: no checkpoint at {Path(cfg.out_dir) / CHECKPOINT_NAME}")
     with distributed.process_group(torch.device(cfg.device).type):
         device = distributed.local_device(torch.device(cfg.device))
         cuda_devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda_devices):
+        # rank 0 writes the run directory: it holds it for the run
+        holds_out_dir = cfg.out_dir is not None and distributed.is_main()
+        with (directory_lock(cfg.out_dir) if holds_out_dir else contextlib.nullcontext()), \
+                torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
             return _train(cfg, device)
 

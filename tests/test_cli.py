@@ -19,7 +19,7 @@ def test_train_then_sample(tmp_path):
     trained = run("memeff.train", *TINY_ARGS, "--out-dir", str(out_dir))
     assert trained.returncode == 0, trained.stderr
     assert "eval 5/5" in trained.stderr
-    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt", "result.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == [".lock", "ckpt.pt", "result.json"]
 
     sampled = run("memeff.sample", str(out_dir), "--prompt", "ROMEO:", "--max-new-tokens", "30")
     assert sampled.returncode == 0, sampled.stderr

@@ -83,7 +83,7 @@ def test_only_rank_0_logs_and_prints(two_process_run):
     assert completed.stderr.count("eval 20/20") == 1, completed.stderr
     summary = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     assert len(summary) == 1 and json.loads(summary[0])["world_size"] == 2
-    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt", "result.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == [".lock", "ckpt.pt", "result.json"]
 
 
 def test_checkpoint_keeps_each_ranks_rng_and_refuses_another_world_size(two_process_run):

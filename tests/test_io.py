@@ -51,3 +51,23 @@ def test_json_with_a_non_finite_number_is_refused_and_nothing_is_written(tmp_pat
     with pytest.raises(ValueError):
         write_json(path, {"loss": value})
     assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_a_held_directory_refuses_a_second_holder_naming_the_first(tmp_path):
+    from memeff.io import directory_lock
+
+    with directory_lock(tmp_path / "run"):
+        with pytest.raises(ValueError, match=f"in use by another run \\(process {os.getpid()}\\)"):
+            with directory_lock(tmp_path / "run"):
+                pass
+    with directory_lock(tmp_path / "run"):  # free again once the first holder is done
+        pass
+
+
+def test_a_directory_under_a_file_is_a_clear_error(tmp_path):
+    from memeff.io import directory_lock
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="cannot write into"):
+        with directory_lock(tmp_path / "file" / "run"):
+            pass

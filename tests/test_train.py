@@ -127,7 +127,7 @@ def test_interrupted_run_resumes_on_the_same_trajectory(tmp_path, interrupt_at_e
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(**cfg, out_dir=str(tmp_path)))
     disarm()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporaries left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "ckpt.pt"]  # no temporaries
 
     resumed = train(TrainConfig(**cfg, out_dir=str(tmp_path), resume=True))
     assert resumed.iters_run == 20
@@ -198,3 +198,18 @@ def test_cuda_device_without_a_gpu_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="torch sees no GPU"):
         train(TrainConfig(**TINY, device="cuda:1", out_dir=str(tmp_path)))
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_second_run_into_a_held_out_dir_stops_before_training(tmp_path):
+    from memeff.io import directory_lock
+
+    with directory_lock(tmp_path):
+        with pytest.raises(ValueError, match="in use by another run"):
+            train(TrainConfig(**TINY, max_iters=1, out_dir=str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
+def test_an_out_dir_under_a_file_fails_before_training(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="cannot write into"):
+        train(TrainConfig(**TINY, max_iters=1, out_dir=str(tmp_path / "file" / "run")))
