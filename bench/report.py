@@ -1,172 +1,476 @@
-"""Figures and README tables from the committed results: ``python -m bench.report``.
+"""Figures and README tables from the published results: ``python -m bench.report``.
 
-Reads ``results/<device>/<suite>.json`` (published files only, not ``<suite>.<profile>.json``),
-writes the figures to ``plots/`` and the tables into README.md between marker comments
-``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``. The same results give
-byte-identical PNGs and README: fixed fonts, sizes and DPI, and no date or software
-metadata in the PNGs. A results file that breaks the schema stops the run with its path
-and reason before anything is written; README is replaced atomically.
+Reads ``results/<device>/<suite>.json`` (published files only, not ``<suite>.<profile>.json``)
+and fills the blocks between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` in
+README.md (the headline) and results/README.md (every table), and draws the figures in
+``plots/``. Everything is rendered in memory first and then moved into place, so a bad
+results file (schema, NaN or infinity) or a failing figure stops the run with the file and
+field named before anything is written, and plots and READMEs never disagree. The same
+results give byte-identical output: fixed fonts, sizes and DPI, no date or software
+metadata in the PNGs.
+
+A suite whose committed file predates its current rows is shown as not yet measured,
+with the command that measures it, rather than read wrongly.
+
+``--compare DIR`` prints the ``quick``/``default`` results in DIR beside the published
+ones (and whether they fall inside the published spread) and writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import math
+import os
 import re
+import stat
 import sys
+import tempfile
+from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from types import SimpleNamespace
+from typing import Any, Callable, Iterable, Sequence
 
-from memeff import cli
 from bench.results import read_results
-from memeff.io import atomic_write
-from memeff.optim.registry import REGISTRY
-from memeff.train import TrainConfig
+from memeff import cli
+from memeff.optim.registry import BASELINE, OPTIMIZER_NAMES, REGISTRY, spec
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = ("kv_cache", "optimizer_state", "step_time", "training", "training_bpe", "lr_sweep")
-OPTIMIZER_LABELS = {name: spec.label for name, spec in REGISTRY.items()}
+COMPARED_PROFILES = ("default", "quick")  # the user's own runs, for --compare
+MARKER = re.compile(r"<!-- results:([\w-]+) -->.*?<!-- /results:\1 -->", re.DOTALL)
+
+
+def label(name: str) -> str:
+    return spec(name).label
+
+
+def run_command(suite: str) -> str:
+    """The command that publishes ``suite``."""
+    if suite == "lr_sweep":
+        return "python -m bench.lr_sweep --workers 2"
+    return f"python -m pytest bench/test_{suite}.py --benchmark-only --profile full"
+
+
+# ---- loading and checking -------------------------------------------------------------
+
+def check_finite(value: Any, source: str, where: str = "") -> None:
+    """Raise ValueError naming ``source`` and the field of the first NaN or infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{source}: field {where or '(top level)'} is {value}; results values "
+                         "must be finite numbers (rerun the suite that wrote it)")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_finite(item, source, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_finite(item, source, f"{where}[{i}]")
+
+
+def read_checked(path: Path) -> dict:
+    document = read_results(path)
+    check_finite(document, str(path))
+    return document
 
 
 def load_results(results_dir: Path) -> dict[str, dict]:
-    """Published results per suite, validated; missing suites are left out."""
-    found = {}
-    for suite in SUITES:
-        path = results_dir / f"{suite}.json"
-        if path.is_file():
-            found[suite] = read_results(path)
+    """Published results per suite, validated; raises when there are none to report."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise FileNotFoundError(f"results directory {results_dir} does not exist; pass "
+                                "--results-dir with a directory of <suite>.json files")
+    found = {suite: read_checked(results_dir / f"{suite}.json") for suite in SUITES
+             if (results_dir / f"{suite}.json").is_file()}
+    if not found:
+        raise FileNotFoundError(
+            f"results directory {results_dir} holds no results files (one of "
+            f"{', '.join(s + '.json' for s in SUITES)}); run python -m pytest bench "
+            "--benchmark-only --profile full to make them")
     return found
 
 
-def float32_rows(state: dict) -> list[dict]:
-    """Optimizer-state rows of float32 parameters (rows from before the dtype axis are)."""
-    return [r for r in state["rows"] if r.get("dtype", "torch.float32") == "torch.float32"]
+def decode_rows(kv: dict) -> list[dict]:
+    return [r for r in kv["rows"] if r["test"].startswith("test_decode")]
 
 
-# ---- tables -------------------------------------------------------------------------
-
-def kv_table(kv: dict) -> str:
-    rows = [r for r in kv["rows"] if r["test"].startswith("test_model_shape")]
-    lines = ["| model | layers | query heads | K/V heads | head dim | bytes/token (bf16) "
-             "| vs MHA | GiB per 32k tokens |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['n_layer']} | {r['n_head']} | {r['n_kv_head']} | "
-                     f"{r['head_dim']} | {r['bytes_per_token']:,} | {r['fraction_of_mha']:.1%} | "
-                     f"{r['gib_per_32k_context']:.2f} |")
-    return "\n".join(lines)
-
-
-def state_table(state: dict) -> str:
-    shapes = [(768, 3072), (50257, 768)]
-    names = ("adamw", "adamsn", "adamsnsm", "adafactor", "torch_adafactor")
-    by_key = {(tuple(r["shape"]), r["optimizer"]): r for r in float32_rows(state)
-              if "subset_size" not in r}
-    header = "| optimizer | " + " | ".join(f"state of a {n}x{m} weight, % of AdamW" for n, m in shapes) + " |"
-    lines = [header, "| --- |" + " ---: |" * len(shapes)]
-    for name in names:
-        cells = []
-        for shape in shapes:
-            r = by_key.get((shape, name))
-            cells.append("n/a" if r is None else f"{r['live_bytes']:,} B ({r['ratio_to_adamw']:.2%})")
-        lines.append(f"| {OPTIMIZER_LABELS[name]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def has_current_rows(suite: str, document: dict) -> bool:
+    """Whether ``document`` has the rows and summary the suite writes now."""
+    if suite == "kv_cache":
+        rows = decode_rows(document)
+        summary = document.get("summary") or {}
+        return bool(rows) and all("attention" in r and "time_per_layer_s" in r for r in rows) \
+            and "decode_ratio_to_mha" in summary
+    if suite == "step_time":
+        summary = document.get("summary") or {}
+        entries = [e for model in summary.values() if isinstance(model, dict)
+                   for e in model.values()]
+        return bool(entries) and all(isinstance(e, dict) and "ratio_to_adamw" in e for e in entries)
+    return True
 
 
-def step_table(step: dict) -> str:
-    summary = step["summary"]
-    models = sorted(summary)
-    lines = ["| optimizer | " + " | ".join(f"{m}: step vs AdamW fused / foreach" for m in models) + " |",
-             "| --- |" + " ---: |" * len(models)]
-    for name in OPTIMIZER_LABELS:
-        if name == "adamw":
-            continue
-        cells = []
-        for model in models:
-            r = summary[model].get(name)
-            cells.append("n/a" if r is None else
-                         f"{r['ratio_to_adamw_fused']:.2f}x / {r['ratio_to_adamw_foreach']:.2f}x")
-        lines.append(f"| {OPTIMIZER_LABELS[name]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def current(results: dict[str, dict], suite: str) -> dict | None:
+    """The suite's document when it is published with its current rows, else None."""
+    document = results.get(suite)
+    return document if document is not None and has_current_rows(suite, document) else None
 
 
-# Rows that are not this project's runs, shown beside ours for comparison: nanoGPT's own
-# train.py on the baby config (issue "Reproduce and beat the published loss table"; the
-# README's baseline section reproduces it on this project's machine), and the table an
-# earlier GQA+AdamSN+Adafactor fork of nanoGPT reported for the same config.
-# the baby config's warmup; rows that do not record theirs used it
-NANOGPT_WARMUP_ITERS = TrainConfig.warmup_iters
-REFERENCE_ROWS = (
-    ("nanoGPT's train.py, AdamW (lr 1e-3, wd 0.1), 1 run", 1.7648, 1.8857),
-    ("earlier fork's table: Adam", 1.8104, 1.9353),
-    ("earlier fork's table: AdamSN (lr 1e-2)", 2.3133, 2.3416),
-    ("earlier fork's table: Adafactor", 1.8116, 1.9338),
-)
+def pending(results: dict[str, dict], suite: str) -> str:
+    """What a block says in place of a suite that is missing or has older rows."""
+    if suite not in results:
+        return f"_Not yet published: run `{run_command(suite)}`._"
+    return (f"_Not yet measured with this suite's current rows: run `{run_command(suite)}`, "
+            "then `python -m bench.report`._")
 
 
-def _mean_spread(stats: dict) -> str:
+# ---- formatting -----------------------------------------------------------------------
+
+def num(value: float, fmt: str, field: str) -> str:
+    """``value`` formatted; a NaN or infinity (e.g. a ratio over zero) is an error."""
+    if not math.isfinite(value):
+        raise ValueError(f"{field} is {value}: cannot report it")
+    text = format(value, fmt)
+    return text[1:] if re.fullmatch(r"[-+]0\.?0*%?", text) else text  # no signed zero
+
+
+def ratio(a: float, b: float, field: str) -> float:
+    if b == 0:
+        raise ValueError(f"{field}: division by zero")
+    return a / b
+
+
+def mean_spread(stats: dict, field: str, fmt: str = ".4f") -> str:
     """Mean ± half the spread (max - min) over seeds; the mean alone for one seed."""
     if stats["n"] == 1:
-        return f"{stats['mean']:.4f}"
-    return f"{stats['mean']:.4f} ± {stats['spread'] / 2:.4f}"
+        return num(stats["mean"], fmt, field)
+    return f"{num(stats['mean'], fmt, field)} ± {num(stats['spread'] / 2, fmt, field)}"
 
 
-def run_label(row: dict) -> str:
-    """A training run's name for people: optimizer, then what differs from the baseline."""
-    name = "AdamW" if row["optimizer"] == "adamw" else OPTIMIZER_LABELS[row["optimizer"]]
+def mean_range(stats: dict, field: str) -> str:
+    if stats["n"] == 1:
+        return num(stats["mean"], ".4f", field)
+    return (f"{num(stats['mean'], '.4f', field)} ({num(stats['min'], '.4f', field)} to "
+            f"{num(stats['max'], '.4f', field)})")
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str) -> str:
+    """A Markdown table; ``align`` has one character per column, "l" or "r"."""
+    lines = ["| " + " | ".join(header) + " |",
+             "| " + " | ".join("---:" if a == "r" else "---" for a in align) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def duration(env: dict) -> str | None:
+    try:
+        start = datetime.fromisoformat(env["utc_time"])
+        end = datetime.fromisoformat(env["finished_utc_time"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    minutes = round((end - start).total_seconds() / 60)
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
+
+
+# ---- training runs ----------------------------------------------------------------------
+
+def kv_layout(n_head: int, n_kv_head: int) -> str:
+    if n_kv_head == n_head:
+        return "MHA"
+    if n_kv_head == 1:
+        return "MQA, 1 K/V head"
+    return f"GQA, {n_kv_head} K/V heads"
+
+
+def estimate(document: dict) -> str:
+    """How nanoGPT's loss estimate of ``document``'s runs is taken."""
+    return f"{document['config']['base']['eval_iters']} batches"
+
+
+def run_label(row: dict, base: dict) -> str:
+    """A training run's name for people: the optimizer's label, then what differs from
+    the baby config other than lr and weight decay (which tables give in a column)."""
     extras = []
     if row["n_kv_head"] != row["n_head"]:
-        extras.append("MQA, 1 K/V head" if row["n_kv_head"] == 1
-                      else f"GQA, {row['n_kv_head']} K/V heads")
+        extras.append(kv_layout(row["n_head"], row["n_kv_head"]))
     if row["dataset"] != "char":
         extras.append("GPT-2 BPE")
-    if row.get("warmup_iters", NANOGPT_WARMUP_ITERS) != NANOGPT_WARMUP_ITERS:
+    if row.get("warmup_iters", base["warmup_iters"]) != base["warmup_iters"]:
         extras.append(f"{row['warmup_iters']} warmup iterations")
-    return name + (f" ({', '.join(extras)})" if extras else "")
+    return ", ".join([label(row["optimizer"]), *extras])
 
 
 def first_rows(training: dict) -> dict[str, dict]:
-    """Each training run's first row (its first seed), by label."""
+    """Each training run's first row (its first seed), by run label."""
     first: dict[str, dict] = {}
     for r in training["rows"]:
         first.setdefault(r["label"], r)
     return first
 
 
-def training_table(training: dict, step: dict | None, bpe: dict | None = None) -> str:
-    """The headline table: losses over seeds, optimizer-state bytes, step time; the GPT-2
-    BPE runs (their own suite) follow the char-level ones when published."""
-    summary, first = dict(training["summary"]), first_rows(training)
-    if bpe is not None:
-        summary.update(bpe["summary"])
-        first.update(first_rows(bpe))
-    adamw_bytes = {r["dataset"]: summary[label]["optimizer_state_bytes"]
-                   for label, r in first.items()
-                   if r["optimizer"] == "adamw" and r["n_kv_head"] == training["config"]["base"]["n_head"]}
-    steps = step["summary"].get("gpt2-124M", {}) if step else {}
-    lines = ["| run | lr / weight decay | seeds | final train loss | final val loss "
-             "| final val loss, whole split | optimizer state | % of AdamW's "
-             "| step time vs AdamW fused (124M) | KV cache vs MHA |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for label, r in first.items():
-        stats, state = summary[label], summary[label]["optimizer_state_bytes"]
-        step_ratio = steps.get(r["optimizer"], {}).get("ratio_to_adamw_fused")
-        whole_split = stats.get("final_val_loss_whole_split")  # absent from older results
-        lines.append(
-            f"| {run_label(r)} | {r['learning_rate']:g} / {r['weight_decay']:g} | "
-            f"{stats['final_val_loss']['n']} | {_mean_spread(stats['final_train_loss'])} | "
-            f"{_mean_spread(stats['final_val_loss'])} | "
-            f"{'n/a' if whole_split is None else _mean_spread(whole_split)} | {state:,} B | "
-            f"{state / adamw_bytes[r['dataset']]:.1%} | "
-            + ("n/a" if step_ratio is None else f"{step_ratio:.2f}x")
-            + f" | {r['n_kv_head'] / training['config']['base']['n_head']:.0%} |")
+def headline_labels(training: dict) -> list[str]:
+    """Char-level runs at exactly their optimizer's tuned settings (the suite's
+    ``hparams``), GQA and MQA included: not the other lrs, warmups or ablations."""
+    config = training["config"]
+    return [run for run, r in first_rows(training).items()
+            if r["dataset"] == "char"
+            and config["runs"][run]["hparams"] == config["hparams"][r["optimizer"]]]
+
+
+def tuned_run(training: dict, optimizer: str, n_kv_head: int | None = None) -> str | None:
+    """The headline run of ``optimizer`` with ``n_kv_head`` K/V heads (None: MHA)."""
+    for run in headline_labels(training):
+        r = first_rows(training)[run]
+        if r["optimizer"] == optimizer and r["n_kv_head"] == (n_kv_head or r["n_head"]):
+            return run
+    return None
+
+
+def whole_split(stats: dict) -> dict:
+    """The whole-split val loss where the run has it, else nanoGPT's 20-batch estimate."""
+    return stats.get("final_val_loss_whole_split", stats["final_val_loss"])
+
+
+def baseline_run(training: dict) -> str | None:
+    """The run at ``python -m memeff.train``'s defaults (nanoGPT's baby config)."""
+    base = training["config"]["base"]
+    for run, r in first_rows(training).items():
+        if (r["optimizer"] == base["optimizer"] and r["dataset"] == base["dataset"]
+                and r["n_kv_head"] == r["n_head"] and not r.get("optimizer_hparams")
+                and r["learning_rate"] == base["learning_rate"]
+                and r["weight_decay"] == base["weight_decay"]
+                and r.get("warmup_iters", base["warmup_iters"]) == base["warmup_iters"]):
+            return run
+    return None
+
+
+def kv_share_of_mha(base: dict, n_kv_head: int) -> float:
+    """KV-cache bytes with ``n_kv_head`` K/V heads over MHA's, from memeff's formula."""
+    import torch
+
+    from memeff.memory import kv_cache_bytes
+
+    def cache(k: int) -> int:
+        shape = SimpleNamespace(n_layer=base["n_layer"], n_head=base["n_head"], n_kv_head=k,
+                                n_embd=base["n_embd"])
+        return kv_cache_bytes(shape, 1, base["block_size"], torch.float32)
+
+    return cache(n_kv_head) / cache(base["n_head"])
+
+
+# ---- README.md blocks -------------------------------------------------------------------
+
+STEP_MODELS_NOTE = "interleaved medians of a whole-model step"
+
+
+def headline_block(results: dict[str, dict], data_link: Callable[[str], str]) -> str:
+    training = results.get("training")
+    if training is None:
+        return pending(results, "training")
+    summary, first, base = training["summary"], first_rows(training), training["config"]["base"]
+    step = current(results, "step_time")
+    models = sorted(step["summary"]) if step else []
+    adamw_run = tuned_run(training, BASELINE)
+    adamw_state = summary[adamw_run]["optimizer_state_bytes"] if adamw_run else None
+
+    rows, seeds = [], set()
+    for name in OPTIMIZER_NAMES:
+        run = tuned_run(training, name)
+        if run is None:
+            continue
+        loss = whole_split(summary[run])
+        seeds.add(loss["n"])
+        state = summary[run]["optimizer_state_bytes"]
+        cells = [label(name), mean_spread(loss, f"training {run} val loss"),
+                 "n/a" if adamw_state is None else
+                 num(100 * ratio(state, adamw_state, f"training {run} state"), ".1f", run) + "%"]
+        for model in models:
+            entry = step["summary"][model].get(name)
+            cells.append("n/a" if entry is None else
+                         num(entry["ratio_to_adamw"], ".2f", f"step_time {model} {name}") + "x")
+        if not models:
+            cells.append("not yet measured")
+        rows.append(cells)
+    step_header = ([f"step time / {label(BASELINE)}, {m}" for m in models] if models
+                   else [f"step time / {label(BASELINE)}"])
+    parts = [table(["optimizer", "final val loss, whole split", f"optimizer state, % of {label(BASELINE)}",
+                    *step_header], rows, "lrr" + "r" * len(step_header))]
+
+    layout_rows = []
+    for run in headline_labels(training):
+        r = first[run]
+        if r["optimizer"] != BASELINE:
+            continue
+        layout_rows.append((r["n_kv_head"] == r["n_head"], -r["n_kv_head"], [
+            kv_layout(r["n_head"], r["n_kv_head"]), f"{r['n_kv_head']} of {r['n_head']}",
+            mean_spread(whole_split(summary[run]), f"training {run} val loss"),
+            num(100 * kv_share_of_mha(base, r["n_kv_head"]), ".0f", run) + "%"]))
+    layout_rows.sort(key=lambda t: (not t[0], t[1]))
+    parts.append(table(["attention layout", "K/V heads",
+                        f"final val loss, whole split, trained with {label(BASELINE)}",
+                        "KV cache, % of MHA"], [t[2] for t in layout_rows], "lrrr"))
+
+    n = ", ".join(str(s) for s in sorted(seeds))
+    note = (f"Baby GPT on Tiny Shakespeare (characters), {training['config']['max_iters']} "
+            f"iterations, each optimizer at the lr and weight decay its sweep chose; loss is "
+            f"mean ± half the range over {n} seeds; state is the whole model's optimizer state.")
+    if step:
+        note += f" Step time: {STEP_MODELS_NOTE} ([step_time.json]({data_link('step_time')}))."
+    else:
+        waiting = pending(results, "step_time").strip("_")
+        note += " Step time: " + waiting[0].lower() + waiting[1:]
+    parts.append(note)
+    return "\n\n".join(parts)
+
+
+def figure_link(name: str, alt: str, link: Callable[[str], str]) -> str:
+    return f"![{alt}]({link(name)})"
+
+
+def readme_figures_block(results: dict[str, dict], link: Callable[[str], str]) -> str:
+    parts = []
+    for name in ("loss_vs_state.png", "step_time_ratio.png", "decode_time.png"):
+        suite, _, alt = FIGURES[name]
+        parts.append(figure_link(name, alt, link) if current(results, suite)
+                     else f"{alt}: {pending(results, suite)}")
+    return "\n\n".join(parts)
+
+
+# ---- results/README.md blocks -----------------------------------------------------------
+
+def provenance_block(results: dict[str, dict], data_link: Callable[[str], str],
+                     matplotlib_version: str) -> str:
+    rows = []
+    for suite in SUITES:
+        doc = results.get(suite)
+        if doc is None:
+            rows.append([f"`{suite}`", "not published", "", "", "", ""])
+            continue
+        env = doc["environment"]
+        dirty = " (uncommitted changes)" if env.get("git_dirty") else ""
+        device = env.get("gpu") or env["cpu"]
+        if env.get("cpu_capability"):
+            device += f" ({env['cpu_capability']})"
+        threads = f"{env['torch_threads']} thread{'s' if env['torch_threads'] != 1 else ''}"
+        took = duration(env)
+        status = "" if has_current_rows(suite, doc) else " (older rows: not shown)"
+        rows.append([f"[`{suite}`]({data_link(suite)}){status}", f"`{doc['profile']}`",
+                     env["utc_time"] + (f", {took}" if took else ""),
+                     f"`{(env.get('git_commit') or 'unknown')[:7]}`{dirty}",
+                     f"torch {env['torch']}", f"{device}, {threads}"])
+    return (table(["suite", "profile", "started (UTC), duration", "commit", "software", "device"],
+                  rows, "llllll")
+            + f"\n\nFigures drawn with matplotlib {matplotlib_version}.")
+
+
+REFERENCE_ROWS = (  # (run, final train loss, final val loss): reported elsewhere, not runs here
+    ("nanoGPT's train.py, AdamW, lr 1e-3, weight decay 0.1, 1 run on this project's CPU", 1.7648, 1.8857),
+    ("an earlier GQA+AdamSN+Adafactor fork of nanoGPT, its table: Adam", 1.8104, 1.9353),
+    ("the same fork's table: AdamSN, lr 1e-2", 2.3133, 2.3416),
+    ("the same fork's table: Adafactor", 1.8116, 1.9338),
+)
+
+
+def baseline_block(results: dict[str, dict]) -> str:
+    training = results.get("training")
+    if training is None:
+        return pending(results, "training")
+    base, summary = training["config"]["base"], training["summary"]
+    run = baseline_run(training)
+    intro = (f"`python -m memeff.train` with its defaults is nanoGPT's baby GPT: {base['n_layer']} "
+             f"layers, {base['n_head']} heads, n_embd {base['n_embd']}, context "
+             f"{base['block_size']}, batch {base['batch_size']}, {base['max_iters']} iterations, "
+             f"{label(base['optimizer'])} at lr {base['learning_rate']:g} with "
+             f"{base['warmup_iters']} warmup iterations and a cosine to a tenth of it, "
+             + "".join(f"{name} {base[name]:g}, " for name in ("beta1", "beta2")
+                       if base.get(name) is not None)
+             + f"weight decay {base['weight_decay']:g}, gradient clip {base['grad_clip']:g}, "
+             f"dropout {base['dropout']:g}.")
+    rows = []
+    for name in OPTIMIZER_NAMES:  # every optimizer at nanoGPT's settings, where trained
+        for label_, r in first_rows(training).items():
+            if (r["optimizer"] == name and r["dataset"] == "char" and r["n_kv_head"] == r["n_head"]
+                    and r["learning_rate"] == base["learning_rate"]
+                    and r["weight_decay"] == base["weight_decay"]
+                    and r.get("warmup_iters", base["warmup_iters"]) == base["warmup_iters"]):
+                runs = [x for x in training["rows"] if x["label"] == label_]
+                ms = ", ".join(num(x["median_ms_per_iter"], ".1f", f"{label_} ms/iter") for x in runs)
+                shared = {(x.get("concurrent_runs", 1), x.get("torch_threads")) for x in runs}
+                how = "; ".join(f"{c} run{'s' if c != 1 else ''} at once, {t} thread{'s' if t != 1 else ''} each"
+                                for c, t in sorted(shared, key=str) if t is not None)
+                stats = summary[label_]
+                rows.append([f"memeff, {label(name)}" + (" (`python -m memeff.train --seed S`)"
+                                                         if label_ == run else ""),
+                             ", ".join(str(x["seed"]) for x in runs),
+                             mean_range(stats["final_train_loss"], label_),
+                             mean_range(stats["final_val_loss"], label_),
+                             mean_range(stats["final_val_loss_whole_split"], label_)
+                             if "final_val_loss_whole_split" in stats else "n/a",
+                             ms + (f" ({how})" if how else "")])
     for name, train_loss, val_loss in REFERENCE_ROWS:
-        lines.append(f"| *not ours:* {name} | | 1 | {train_loss:.4f} | {val_loss:.4f} | | | | | |")
-    return "\n".join(lines)
+        rows.append([f"*not ours:* {name}", "", f"{train_loss:.4f}", f"{val_loss:.4f}", "", ""])
+    return "\n\n".join([intro, table(
+        ["run", "seeds", "final train loss", f"final val loss ({estimate(training)})",
+         "final val loss, whole split", "median ms/iter per seed"], rows, "llrrrl")])
+
+
+def training_block(training: dict, bpe: dict | None, link: Callable[[str], str]) -> str:
+    """Every run: losses over seeds, optimizer-state bytes, KV cache; the GPT-2 BPE runs
+    (their own suite) after the char-level ones."""
+    base = training["config"]["base"]
+    rows = []
+    for document in (training, bpe):
+        if document is None:
+            continue
+        summary, first = document["summary"], first_rows(document)
+        adamw_state = {r["dataset"]: summary[run]["optimizer_state_bytes"]
+                       for run, r in first.items()
+                       if r["optimizer"] == BASELINE and r["n_kv_head"] == r["n_head"]}
+        for run, r in first.items():
+            stats, state = summary[run], summary[run]["optimizer_state_bytes"]
+            whole = stats.get("final_val_loss_whole_split")
+            share = ("n/a" if r["dataset"] not in adamw_state else
+                     num(100 * ratio(state, adamw_state[r["dataset"]], run), ".1f", run) + "%")
+            rows.append([run_label(r, base), f"{r['learning_rate']:g} / {r['weight_decay']:g}",
+                         str(stats["final_val_loss"]["n"]),
+                         mean_spread(stats["final_train_loss"], f"{run} train loss"),
+                         mean_spread(stats["final_val_loss"], f"{run} val loss"),
+                         "n/a" if whole is None else mean_spread(whole, f"{run} whole split"),
+                         f"{state:,} B", share,
+                         num(100 * r["n_kv_head"] / r["n_head"], ".0f", run) + "%"])
+    parts = [table(["run", "lr / weight decay", "seeds", "final train loss",
+                    f"final val loss ({estimate(training)})", "final val loss, whole split",
+                    "optimizer state", f"% of {label(BASELINE)}", "KV cache, % of MHA"],
+                   rows, "llrrrrrrr")]
+    parts += [figure_link("loss_curves.png", FIGURES["loss_curves.png"][2], link),
+              figure_link("loss_vs_state.png", FIGURES["loss_vs_state.png"][2], link)]
+    return "\n\n".join(parts)
+
+
+def paired_gaps_block(training: dict) -> str:
+    """Each headline run's whole-split loss minus AdamW's at the same seed."""
+    base = training["config"]["base"]
+    reference = tuned_run(training, BASELINE)
+    if reference is None:
+        return f"_No {label(BASELINE)} run at its tuned settings in the training results._"
+    by_seed = {r["seed"]: r for r in training["rows"] if r["label"] == reference}
+    rows = []
+    for run in headline_labels(training):
+        if run == reference:
+            continue
+        runs = [r for r in training["rows"] if r["label"] == run]
+        gaps = [(r["seed"], r["final_val_loss_whole_split"] - by_seed[r["seed"]]["final_val_loss_whole_split"])
+                for r in runs if r["seed"] in by_seed and "final_val_loss_whole_split" in r
+                and "final_val_loss_whole_split" in by_seed[r["seed"]]]
+        if not gaps:
+            continue
+        mean = sum(g for _, g in gaps) / len(gaps)
+        rows.append([run_label(runs[0], base), num(mean, "+.4f", f"{run} gap"),
+                     ", ".join(f"{seed}: {num(g, '+.4f', f'{run} gap')}" for seed, g in gaps)])
+    return table(["run", f"minus {label(BASELINE)}, mean", "per seed"], rows, "lrl")
 
 
 def samples_block(training: dict) -> str:
     """The text each char-level run's first seed generates, with how it was generated."""
-    sample = training["config"]["sample"]
+    sample, base = training["config"]["sample"], training["config"]["base"]
     parts = [f"Prompt `{sample['prompt']}`, {sample['max_new_tokens']} new characters, "
              f"temperature {sample['temperature']}, top-k {sample['top_k']}, sampling seed "
              f"{sample['seed']}, KV-cache generation from each run's final checkpoint (training "
@@ -174,82 +478,217 @@ def samples_block(training: dict) -> str:
     for r in training["rows"]:
         if r.get("sample") is not None and r["dataset"] == "char":
             text = r["sample"].replace("`", "'")  # keeps the code fence intact
-            parts.append(f"**{run_label(r)}**, lr {r['learning_rate']:g}, val loss "
-                         f"{r['final_val_loss']:.4f}:\n\n```text\n{text}\n```")
+            parts.append(f"**{run_label(r, base)}**, lr {r['learning_rate']:g}, val loss "
+                         f"{num(r['final_val_loss'], '.4f', r['label'])}:\n\n```text\n{text}\n```")
     return "\n\n".join(parts)
 
 
-def sweep_table(sweep: dict) -> str:
+def float32_rows(state: dict) -> list[dict]:
+    """Optimizer-state rows of float32 parameters (rows from before the dtype axis are)."""
+    return [r for r in state["rows"] if r.get("dtype", "torch.float32") == "torch.float32"]
+
+
+def state_block(state: dict, link: Callable[[str], str]) -> str:
+    rows = [r for r in float32_rows(state) if "subset_size" not in r]
+    shapes = list(dict.fromkeys(tuple(r["shape"]) for r in rows))
+    names = [n for n in REGISTRY if any(r["optimizer"] == n for r in rows)]
+    by_key = {(tuple(r["shape"]), r["optimizer"]): r for r in rows}
+    body = []
+    for shape in shapes:
+        cells = ["x".join(map(str, shape))]
+        for name in names:
+            r = by_key.get((shape, name))
+            cells.append("n/a" if r is None else
+                         num(100 * r["ratio_to_adamw"], ".2f", f"optimizer_state {shape} {name}") + "%")
+        body.append(cells)
+    agree = all(r["live_bytes"] == r["analytic_bytes"] for r in state["rows"])
+    parts = [table(["parameter shape", *(label(n) for n in names)], body, "l" + "r" * len(names)),
+             "Measured bytes of the state tensors as a share of AdamW's, float32 parameters; "
+             + ("on every row the live tensors hold exactly the bytes of the formula."
+                if agree else "**some rows' live tensors differ from the formula.**")]
+    subsets = [r for r in float32_rows(state) if "subset_size" in r]
+    if subsets:
+        sizes = list(dict.fromkeys(str(r["subset_size"]) for r in subsets))
+        sub_shapes = list(dict.fromkeys(tuple(r["shape"]) for r in subsets))
+        by = {(tuple(r["shape"]), str(r["subset_size"])): r for r in subsets}
+        parts.append(f"{label('adamsn')} by subset size (elements per subset of the second moment):")
+        parts.append(table(["parameter shape", *sizes], [
+            ["x".join(map(str, s)), *("n/a" if (s, k) not in by else
+                                      num(100 * by[(s, k)]["ratio_to_adamw"], ".2f", f"subset {k}") + "%"
+                                      for k in sizes)] for s in sub_shapes], "l" + "r" * len(sizes)))
+    parts.append(figure_link("optimizer_state_ratio.png", FIGURES["optimizer_state_ratio.png"][2], link))
+    return "\n\n".join(parts)
+
+
+def kernels_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {kernels_text(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(kernels_text(v) for v in value)
+    return str(value)
+
+
+def step_block(results: dict[str, dict], link: Callable[[str], str]) -> str:
+    step = current(results, "step_time")
+    if step is None:
+        return pending(results, "step_time")
+    rows = []
+    for model in sorted(step["summary"]):
+        for name in REGISTRY:
+            e = step["summary"][model].get(name)
+            if e is None:
+                continue
+            field = f"step_time summary {model} {name}"
+            rows.append([model, label(name),
+                         num(e["interleaved_median_s"] * 1e3, ".2f", field + " interleaved_median_s"),
+                         num(e["ratio_to_adamw"], ".2f", field + " ratio_to_adamw") + "x",
+                         num(e["ratio_to_adamw_foreach"], ".2f", field + " ratio_to_adamw_foreach") + "x",
+                         num(100 * e["fraction_of_floor"], ".0f", field + " fraction_of_floor") + "%",
+                         kernels_text(e.get("kernels"))])
+    return "\n\n".join([
+        table(["model", "optimizer", "step (ms)", f"/ {label(BASELINE)}", f"/ {label('adamw_foreach')}",
+               "of the bandwidth floor", "kernels"], rows, "llrrrrl"),
+        figure_link("step_time_ratio.png", FIGURES["step_time_ratio.png"][2], link)])
+
+
+def kv_shapes_block(kv: dict) -> str:
+    rows = [r for r in kv["rows"] if r["test"].startswith("test_model_shape")]
+    return table(["model", "layers", "query heads", "K/V heads", "head dim", "bytes/token (bf16)",
+                  "% of MHA", "GiB per 32k tokens"],
+                 [[r["model"], str(r["n_layer"]), str(r["n_head"]), str(r["n_kv_head"]),
+                   str(r["head_dim"]), f"{r['bytes_per_token']:,}",
+                   num(100 * r["fraction_of_mha"], ".1f", f"{r['model']} fraction_of_mha") + "%",
+                   num(r["gib_per_32k_context"], ".2f", f"{r['model']} gib_per_32k_context")]
+                  for r in rows], "lrrrrrrr")
+
+
+def decode_n_head(kv: dict) -> int:
+    """The query-head count the decode table and figure show: the largest measured."""
+    return max(r["n_head"] for r in decode_rows(kv))
+
+
+def decode_block(results: dict[str, dict], link: Callable[[str], str]) -> str:
+    kv = current(results, "kv_cache")
+    if kv is None:
+        return pending(results, "kv_cache")
+    n_head = decode_n_head(kv)
+    summary = kv["summary"]
+    by = {}
+    for r in decode_rows(kv):
+        if r["n_head"] == n_head:
+            by.setdefault((r["dtype"], r["seq_len"], r["n_kv_head"]), {})[r["attention"]] = r
+    ratios = {(e["dtype"], e["seq_len"], e["n_kv_head"], e["attention"]): e
+              for e in summary["decode_ratio_to_mha"] if e["n_head"] == n_head}
+    attentions = sorted({a for paths in by.values() for a in paths})
+    rows = []
+    dtypes = sorted({key[0] for key in by}, reverse=True)  # float32 first
+    for (dtype, seq_len, n_kv_head), paths in sorted(by.items(), key=lambda item: (
+            dtypes.index(item[0][0]), item[0][1], -item[0][2])):
+        any_row = next(iter(paths.values()))
+        cells = [dtype.removeprefix("torch."), str(seq_len), str(n_kv_head), str(any_row["n_layer"]),
+                 f"{any_row['bytes_read_per_token'] / 2**20:,.0f} MiB"]
+        for a in attentions:
+            r = paths.get(a)
+            e = ratios.get((dtype, seq_len, n_kv_head, a))
+            field = f"kv_cache {r['test'] if r else a}"
+            cells.append("n/a" if r is None else
+                         f"{num(r['time_per_layer_s'] * 1e3, '.3f', field)} ms, "
+                         f"{num(r['gb_per_s'], '.1f', field)} GB/s"
+                         + ("" if e is None else f", {num(e['time_ratio_to_mha'], '.2f', field)}x"))
+        e = ratios.get((dtype, seq_len, n_kv_head, attentions[0])) if attentions else None
+        cells.append("n/a" if e is None else num(e["bytes_ratio_to_mha"], ".3f", "bytes ratio"))
+        rows.append(cells)
+    wins = summary.get("decode_faster_attention_by_dtype", {})
+    win_text = "; ".join(f"{dtype.removeprefix('torch.')}: " + ", ".join(
+        f"`{a}` {n}" for a, n in counts.items()) for dtype, counts in sorted(wins.items()))
+    llc = {(r["llc_bytes"], r["llc_source"]) for r in decode_rows(kv)}
+    llc_text = ", ".join(f"{b / 2**20:g} MiB ({src})" for b, src in sorted(llc))
+    return "\n\n".join([
+        table(["dtype", "context", f"K/V heads of {n_head}", "layers", "cache read per token",
+               *(f"`{a}`: per layer, GB/s, time / MHA's" for a in attentions),
+               "bytes / MHA's"], rows, "lrrrr" + "r" * len(attentions) + "r"),
+        f"Last-level cache: {llc_text}. GQA and MQA points each path decodes faster, "
+        f"all query-head counts: {win_text or 'n/a'}.",
+        figure_link("decode_time.png", FIGURES["decode_time.png"][2], link)])
+
+
+def sweep_block(sweep: dict, link: Callable[[str], str]) -> str:
     best = sweep["summary"]["best"]
-    lines = ["| optimizer | runs | best lr | its weight decay | final train loss | final val loss |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    rows = []
     for name, b in best.items():
         runs = sum(r["optimizer"] == name and not r.get("variant") for r in sweep["rows"])
-        lines.append(f"| {OPTIMIZER_LABELS[name]} | {runs} | {b['learning_rate']:g} | "
-                     f"{b['weight_decay']:g} | {b['final_train_loss']:.4f} | "
-                     f"{b['final_val_loss']:.4f} |")
+        rows.append([label(name), str(runs), f"{b['learning_rate']:g}", f"{b['weight_decay']:g}",
+                     num(b["final_train_loss"], ".4f", f"lr_sweep best {name}"),
+                     num(b["final_val_loss"], ".4f", f"lr_sweep best {name}")])
+    return "\n\n".join([
+        table(["optimizer", "runs", "best lr", "its weight decay", "final train loss",
+               f"final val loss ({estimate(sweep)})"], rows, "lrrrrr"),
+        figure_link("lr_sweep.png", FIGURES["lr_sweep.png"][2], link)])
+
+
+def ablations_block(sweep: dict) -> str:
     variants = sweep["summary"].get("variants")
-    if variants:
-        base = OPTIMIZER_LABELS[sweep["config"]["variant_of"]]
-        lines += ["", f"{base} changed one thing at a time, at its best grid point above (at the lr "
-                     f"in the change's name where it has one):", "",
-                  "| change | final train loss | final val loss | val loss vs the grid's best "
-                  "| final val loss, whole split |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
-        whole_split = {r["variant"]: r.get("final_val_loss_whole_split")
-                       for r in sweep["rows"] if r.get("variant")}
-        for name, v in variants.items():
-            whole = "n/a" if whole_split.get(name) is None else f"{whole_split[name]:.4f}"
-            lines.append(f"| `{name}` | {v['final_train_loss']:.4f} | {v['final_val_loss']:.4f} | "
-                         f"{v['val_loss_change']:+.4f} | {whole} |")
-    return "\n".join(lines)
+    if not variants:
+        return "_No ablations in the sweep's results._"
+    rows_by_variant = {r["variant"]: r for r in sweep["rows"] if r.get("variant")}
+    rows = []
+    for name, v in variants.items():
+        r = rows_by_variant.get(name, {})
+        whole = r.get("final_val_loss_whole_split")
+        rows.append([f"`{name}`", f"`{(r.get('git_commit') or 'unknown')[:7]}`",
+                     num(v["final_train_loss"], ".4f", f"lr_sweep {name}"),
+                     num(v["final_val_loss"], ".4f", f"lr_sweep {name}"),
+                     num(v["val_loss_change"], "+.4f", f"lr_sweep {name}"),
+                     "n/a" if whole is None else num(whole, ".4f", f"lr_sweep {name}")])
+    return (f"{label(sweep['config']['variant_of'])} with one change at a time, at its best grid "
+            "point (at the lr in the change's name where it has one), one seed:\n\n"
+            + table(["change", "commit", "final train loss", f"final val loss ({estimate(sweep)})",
+                     "vs the grid's best", "final val loss, whole split"], rows, "llrrrr"))
 
 
-def provenance(results: dict[str, dict]) -> str:
-    lines = []
-    for suite, doc in results.items():
-        env = doc["environment"]
-        dirty = " (uncommitted changes)" if env.get("git_dirty") else ""
-        lines.append(f"- `{suite}`: profile `{doc['profile']}`, {env['utc_time']}, commit "
-                     f"`{(env.get('git_commit') or 'unknown')[:7]}`{dirty}, torch {env['torch']}, "
-                     f"{env.get('gpu') or env['cpu']} ({env['torch_threads']} "
-                     f"{'thread' if env['torch_threads'] == 1 else 'threads'})")
-    missing = [s for s in SUITES if s not in results]
-    if missing:
-        lines.append(f"- not yet published: {', '.join(f'`{s}`' for s in missing)}")
-    return "\n".join(lines)
+# ---- all blocks -------------------------------------------------------------------------
+
+def blocks(results: dict[str, dict], link: Callable[[str], str], data_link: Callable[[str], str],
+           matplotlib_version: str) -> dict[str, str]:
+    """Marker name -> Markdown, for every block of both READMEs; ``link`` and ``data_link``
+    give the path of a figure and of a suite's results file from the README."""
+    training, sweep = results.get("training"), results.get("lr_sweep")
+    state, kv = results.get("optimizer_state"), results.get("kv_cache")
+    return {
+        # README.md
+        "headline": headline_block(results, data_link),
+        "figures": readme_figures_block(results, link),
+        # results/README.md
+        "provenance": provenance_block(results, data_link, matplotlib_version),
+        "baseline": baseline_block(results),
+        "training": (training_block(training, results.get("training_bpe"), link) if training
+                     else pending(results, "training")),
+        "paired-gaps": paired_gaps_block(training) if training else pending(results, "training"),
+        "optimizer-state": state_block(state, link) if state else pending(results, "optimizer_state"),
+        "step-time": step_block(results, link),
+        "kv-shapes": kv_shapes_block(kv) if kv else pending(results, "kv_cache"),
+        "decode": decode_block(results, link),
+        "lr-sweep": sweep_block(sweep, link) if sweep else pending(results, "lr_sweep"),
+        "ablations": ablations_block(sweep) if sweep else pending(results, "lr_sweep"),
+        "samples": samples_block(training) if training else pending(results, "training"),
+    }
 
 
-def tables(results: dict[str, dict]) -> dict[str, str]:
-    """Marker name -> Markdown, for every table whose suite is published."""
-    out = {"provenance": provenance(results)}
-    if "kv_cache" in results:
-        out["kv-table"] = kv_table(results["kv_cache"])
-    if "optimizer_state" in results:
-        out["state-table"] = state_table(results["optimizer_state"])
-    if "step_time" in results:
-        out["step-table"] = step_table(results["step_time"])
-    if "training" in results:
-        out["training-table"] = training_table(results["training"], results.get("step_time"),
-                                               results.get("training_bpe"))
-        out["samples"] = samples_block(results["training"])
-    if "lr_sweep" in results:
-        out["sweep-table"] = sweep_table(results["lr_sweep"])
-    return out
-
-
-def render_readme(text: str, blocks: dict[str, str]) -> str:
-    """``text`` with each marked block replaced; a missing block says it is pending."""
+def render_markdown(text: str, filled: dict[str, str], source: str = "README") -> str:
+    """``text`` with each marked block replaced; an unknown block name is an error."""
     def replace(match: re.Match) -> str:
         name = match.group(1)
-        body = blocks.get(name, "_No results published for this table yet._")
-        return f"<!-- results:{name} -->\n{body}\n<!-- /results:{name} -->"
+        if name not in filled:
+            raise ValueError(f"{source}: unknown results block {name!r}; the report makes "
+                             f"{', '.join(filled)}")
+        return f"<!-- results:{name} -->\n{filled[name]}\n<!-- /results:{name} -->"
 
-    return re.sub(r"<!-- results:([\w-]+) -->.*?<!-- /results:\1 -->", replace, text,
-                  flags=re.DOTALL)
+    return MARKER.sub(replace, text)
 
 
-# ---- figures ------------------------------------------------------------------------
+# ---- figures ----------------------------------------------------------------------------
 
 def _pyplot():
     import matplotlib
@@ -259,7 +698,8 @@ def _pyplot():
 
     plt.rcdefaults()
     plt.rcParams.update({"font.family": "DejaVu Sans", "font.size": 9, "figure.dpi": 100,
-                         "savefig.dpi": 100, "axes.grid": True, "grid.alpha": 0.3})
+                         "savefig.dpi": 100, "axes.grid": True, "grid.alpha": 0.3,
+                         "svg.hashsalt": "memeff", "path.simplify": False})
     return plt
 
 
@@ -269,190 +709,484 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def kv_bytes_figure(plt, kv: dict):
-    rows = [r for r in kv["rows"] if r["test"].startswith("test_decode") and r["dtype"] == "torch.float32"]
-    seq_lens = sorted({r["seq_len"] for r in rows})
-    fig, axes = plt.subplots(1, len(seq_lens), figsize=(10, 3.4), sharey=True)
-    for ax, seq_len in zip(axes, seq_lens):
-        for n_head in sorted({r["n_head"] for r in rows}):
-            pts = sorted((r["n_head"] // r["n_kv_head"], r["analytic_bytes"], r["live_bytes"])
-                         for r in rows if r["seq_len"] == seq_len and r["n_head"] == n_head)
-            line, = ax.plot([p[0] for p in pts], [p[1] / 2**20 for p in pts], label=f"n_head {n_head} (formula)")
-            ax.scatter([p[0] for p in pts], [p[2] / 2**20 for p in pts], color=line.get_color(),
-                       marker="o", s=18, label=f"n_head {n_head} (live tensors)")
-        ax.set(xscale="log", yscale="log", title=f"context {seq_len} tokens",
-               xlabel="query heads per K/V head (1 = MHA)")
-        ax.set_xticks([1, 2, 4, 8, 16, 32], labels=["1", "2", "4", "8", "16", "32"])
-    axes[0].set_ylabel("KV-cache size (MiB, float32, 2 layers, batch 1)")
-    axes[-1].legend(fontsize=7)
-    fig.suptitle("KV-cache bytes against grouping: formula (lines) and live tensors (points)")
-    fig.tight_layout()
-    return fig
+def _ratio_axis(ax, axis: str = "x") -> None:
+    """A log axis labelled "0.5x", "1x", "2x" rather than in powers of ten."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
-
-def decode_time_figure(plt, kv: dict):
-    rows = [r for r in kv["rows"] if r["test"].startswith("test_decode") and r["n_head"] == 32]
-    dtypes = sorted({r["dtype"] for r in rows}, reverse=True)
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(8, 3.4), sharey=True)
-    for ax, dtype in zip(axes, dtypes):
-        for seq_len in sorted({r["seq_len"] for r in rows}):
-            pts = sorted((r["n_kv_head"], r["median_s"]) for r in rows
-                         if r["dtype"] == dtype and r["seq_len"] == seq_len)
-            ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], marker="o", label=f"context {seq_len}")
-        ax.set(xscale="log", yscale="log", xlabel="n_kv_head (of 32 query heads)",
-               title=dtype.removeprefix("torch."))
-        ax.set_xticks([1, 4, 8, 16, 32], labels=["1", "4", "8", "16", "32"])
-    axes[0].set_ylabel("decode attention, one layer (ms, median)")
-    axes[-1].legend(fontsize=7)
-    fig.suptitle("One decode step's attention over the cache, 32 query heads, head dim 128")
-    fig.tight_layout()
-    return fig
-
-
-def state_ratio_figure(plt, state: dict):
-    rows = [r for r in float32_rows(state) if "subset_size" not in r and r["optimizer"] != "adamw"]
-    shapes = list(dict.fromkeys(tuple(r["shape"]) for r in rows))
-    names = list(dict.fromkeys(r["optimizer"] for r in rows))
-    fig, ax = plt.subplots(figsize=(10, 3.6))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        ratios = {tuple(r["shape"]): r["ratio_to_adamw"] for r in rows if r["optimizer"] == name}
-        ax.bar([x + i * width for x in range(len(shapes))], [ratios.get(s, 0) for s in shapes],
-               width, label=OPTIMIZER_LABELS[name])
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))],
-                  labels=["x".join(map(str, s)) for s in shapes])
-    ax.set(yscale="log", ylabel="optimizer state / AdamW's (measured bytes)",
-           xlabel="parameter shape", title="Optimizer-state bytes as a fraction of AdamW's")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    return fig
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    lo, hi = (ax.get_xlim() if axis == "x" else ax.get_ylim())
+    ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if lo <= t <= hi]
+    target.set_major_locator(FixedLocator(ticks))
+    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    target.set_minor_formatter(NullFormatter())
 
 
 def step_time_figure(plt, step: dict):
     summary = step["summary"]
     models = sorted(summary)
-    names = [n for n in OPTIMIZER_LABELS if n != "adamw" and all(n in summary[m] for m in models)]
-    fig, axes = plt.subplots(1, len(models), figsize=(10, 3.6), sharey=True)
-    for ax, model in zip(axes, models):
-        fused = [summary[model][n]["ratio_to_adamw_fused"] for n in names]
-        ax.barh(range(len(names)), fused)
-        ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set(xscale="log", title=model, xlabel="step time / AdamW fused's (interleaved medians)")
-        ax.set_yticks(range(len(names)), labels=[OPTIMIZER_LABELS[n] for n in names])
-    fig.suptitle("Optimizer step time relative to torch's fused AdamW, same run")
+    names = [n for n in REGISTRY if n != BASELINE and all(n in summary[m] for m in models)]
+    fig, axes = plt.subplots(1, len(models), figsize=(10, 1.2 + 0.42 * len(names)),
+                             sharey=True, squeeze=False)
+    for ax, model in zip(axes[0], models):
+        ratios = [summary[model][n]["ratio_to_adamw"] for n in names]
+        y = list(range(len(names)))
+        colors = ["tab:green" if r < 1 else "tab:red" for r in ratios]
+        ax.barh(y, [r - 1 for r in ratios], left=1.0, height=0.6, color=colors)
+        ax.axvline(1.0, color="black", linewidth=1)
+        ax.set_xscale("log")
+        lo, hi = min(ratios + [1.0]), max(ratios + [1.0])
+        ax.set_xlim(lo / 1.8, hi * 2.2)
+        for yi, r in zip(y, ratios):
+            ax.text(r * 1.05 if r >= 1 else r / 1.05, yi, f"{r:.2f}x", va="center",
+                    ha="left" if r >= 1 else "right", fontsize=8)
+        _ratio_axis(ax)
+        ax.set_yticks(y, labels=[label(n) for n in names])
+        ax.grid(axis="y", visible=False)
+        ax.set(title=model, xlabel=f"step time / {label(BASELINE)} (log scale)")
+    axes[0][0].invert_yaxis()
+    fig.suptitle(f"Optimizer step time against {label(BASELINE)}, same run: "
+                 "green faster, red slower")
     fig.tight_layout()
     return fig
 
 
-def headline_labels(training: dict) -> list[str]:
-    """Char-level runs at exactly their optimizer's tuned settings (the suite's
-    ``hparams``), the GQA and MQA runs included: not the other lrs, warmups or ablations."""
-    config = training["config"]
-    return [label for label, r in first_rows(training).items()
-            if r["dataset"] == "char"
-            and config["runs"][label]["hparams"] == config["hparams"][r["optimizer"]]]
+def _family_panels(training: dict) -> list[tuple[str, list[str]]]:
+    """(title, runs) per panel: each optimizer family but the baseline's, then the
+    attention layouts of the baseline optimizer."""
+    first = first_rows(training)
+    runs = headline_labels(training)
+    mha = [r for r in runs if first[r]["n_kv_head"] == first[r]["n_head"]]
+    families = list(dict.fromkeys(spec(n).family for n in OPTIMIZER_NAMES))
+    panels = []
+    for family in families:
+        members = [r for r in mha if spec(first[r]["optimizer"]).family == family
+                   and first[r]["optimizer"] != BASELINE]
+        if members:
+            panels.append((f"{family} optimizers", members))
+    layouts = [r for r in runs if first[r]["optimizer"] == BASELINE and r not in mha]
+    if layouts:
+        panels.append((f"attention layouts ({label(BASELINE)})", layouts))
+    return panels
+
+
+def _curves(training: dict, run: str, key: str, start: int):
+    """Iterations from ``start`` and, per iteration, the values over seeds."""
+    runs = [r for r in training["rows"] if r["label"] == run]
+    iters = [e["iter"] for e in runs[0]["evals"] if e["iter"] >= start]
+    values = [[next(e[key] for e in r["evals"] if e["iter"] == it) for r in runs] for it in iters]
+    return iters, values, runs
 
 
 def loss_curves_figure(plt, training: dict):
-    rows = training["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for label in headline_labels(training):
-        runs = [r for r in rows if r["label"] == label]
-        iters = [e["iter"] for e in runs[0]["evals"]]
-        for ax, key in zip(axes, ("train_loss", "val_loss")):
-            per_iter = list(zip(*([e[key] for e in r["evals"]] for r in runs)))
-            line, = ax.plot(iters, [sum(v) / len(v) for v in per_iter], label=run_label(runs[0]))
-            ax.fill_between(iters, [min(v) for v in per_iter], [max(v) for v in per_iter],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
-    for ax, split in zip(axes, ("train", "validation")):
-        ax.set(xlabel="iteration", ylim=(1.6, 2.8),
-               title=f"{split} loss (mean over seeds; band: min to max)")
-    axes[0].set_ylabel("cross-entropy (nats per character)")
-    axes[1].legend(fontsize=7)
-    fig.suptitle(f"Baby GPT on Tiny Shakespeare (char), {training['config']['max_iters']} "
-                 "iterations, each optimizer at its tuned lr (losses above 2.8 cut off)")
+    """Top: val loss over the second half of training, zoomed; bottom: each run's val loss
+    minus the baseline's at the same seed (the same eval batches), where gaps of 0.01 show."""
+    first, base = first_rows(training), training["config"]["base"]
+    reference = tuned_run(training, BASELINE)
+    panels = _family_panels(training)
+    if reference is None or not panels:
+        return None  # nothing to compare with
+    start = training["config"]["max_iters"] // 2
+    fig, axes = plt.subplots(2, len(panels), figsize=(11, 6.4), sharex=True, sharey="row",
+                             squeeze=False)
+    ref_iters, ref_values, ref_runs = _curves(training, reference, "val_loss", start)
+    ref_by_seed = {r["seed"]: {e["iter"]: e["val_loss"] for e in r["evals"]} for r in ref_runs}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for col, (title, runs) in enumerate(panels):
+        top, bottom = axes[0][col], axes[1][col]
+        top.plot(ref_iters, [sum(v) / len(v) for v in ref_values], color="black", linestyle="--",
+                 marker="o", markersize=3, label=run_label(first[reference], base))
+        bottom.axhline(0.0, color="black", linestyle="--", linewidth=1)
+        for i, run in enumerate(runs):
+            color = colors[i % len(colors)]
+            iters, values, seeds = _curves(training, run, "val_loss", start)
+            top.plot(iters, [sum(v) / len(v) for v in values], color=color, marker="o",
+                     markersize=3, label=run_label(first[run], base))
+            top.fill_between(iters, [min(v) for v in values], [max(v) for v in values],
+                             color=color, alpha=0.15, linewidth=0)
+            gaps = [[v - ref_by_seed[r["seed"]][it] for v, r in zip(vals, seeds)
+                     if r["seed"] in ref_by_seed] for it, vals in zip(iters, values)]
+            bottom.plot(iters, [sum(g) / len(g) for g in gaps], color=color, marker="o", markersize=3)
+            bottom.fill_between(iters, [min(g) for g in gaps], [max(g) for g in gaps],
+                                color=color, alpha=0.15, linewidth=0)
+        top.set_title(title)
+        top.legend(fontsize=7)
+        bottom.set_xlabel("iteration")
+    axes[0][0].set_ylabel(f"val loss ({estimate(training)})\nmean over seeds, band min to max")
+    axes[1][0].set_ylabel(f"minus {label(BASELINE)} at the same seed\nmean, band min to max")
+    fig.suptitle(f"Baby GPT on Tiny Shakespeare (characters): the second half of "
+                 f"{training['config']['max_iters']} iterations, each optimizer at its tuned lr")
     fig.tight_layout()
     return fig
 
 
 def loss_vs_state_figure(plt, training: dict):
-    summary, first = training["summary"], first_rows(training)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label in headline_labels(training):
-        if first[label]["n_kv_head"] != training["config"]["base"]["n_head"]:
+    summary, first, base = training["summary"], first_rows(training), training["config"]["base"]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for run in headline_labels(training):
+        if first[run]["n_kv_head"] != first[run]["n_head"]:
             continue  # GQA and MQA change the KV cache, not the optimizer state
-        # the whole val split where the run has it (not nanoGPT's noisier 20-batch estimate)
-        loss = summary[label].get("final_val_loss_whole_split", summary[label]["final_val_loss"])
-        ax.errorbar([summary[label]["optimizer_state_bytes"] / 2**20], [loss["mean"]],
-                    yerr=[[loss["mean"] - loss["min"]], [loss["max"] - loss["mean"]]],
-                    marker="o", capsize=3, linestyle="none", label=run_label(first[label]))
-    ax.set(xscale="log", xlabel="optimizer state, whole model (MiB, measured)",
-           ylabel="final val loss, whole split (mean; bars: min to max)",
+        loss = whole_split(summary[run])
+        x = summary[run]["optimizer_state_bytes"] / 2**20
+        ax.errorbar([x], [loss["mean"]], yerr=[[loss["mean"] - loss["min"]], [loss["max"] - loss["mean"]]],
+                    marker="o", capsize=3, linestyle="none", label=run_label(first[run], base))
+        ax.annotate(run_label(first[run], base), (x, loss["mean"]), xytext=(6, 4),
+                    textcoords="offset points", fontsize=7)
+    ax.set_xscale("log")
+    ax.set(xlabel="optimizer state, whole model (MiB, measured; log scale)",
+           ylabel="final val loss, whole split\n(mean; bars: min to max over seeds)",
            title=f"Optimizer memory against final loss, baby GPT, "
                  f"{training['config']['max_iters']} iterations")
-    ax.legend(fontsize=7)
+    lo, hi = ax.get_xlim()
+    ax.set_xlim(lo, hi * 3)  # room for the point labels
     fig.tight_layout()
     return fig
 
 
 def lr_sweep_figure(plt, sweep: dict):
     rows = [r for r in sweep["rows"] if not r.get("variant")]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    styles = {0.0: "-", 0.01: ":", 0.1: "--"}
-    for name in dict.fromkeys(r["optimizer"] for r in rows):
-        color = None
-        for wd in sorted({r["weight_decay"] for r in rows if r["optimizer"] == name}):
+    names = list(dict.fromkeys(r["optimizer"] for r in rows))
+    fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names), 3.4), squeeze=False)
+    best = sweep["summary"]["best"]
+    styles = ("-", "--", ":", "-.")
+    for ax, name in zip(axes[0], names):
+        decays = sorted({r["weight_decay"] for r in rows if r["optimizer"] == name})
+        for i, wd in enumerate(decays):
             pts = sorted((r["learning_rate"], r["final_val_loss"]) for r in rows
                          if r["optimizer"] == name and r["weight_decay"] == wd)
-            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], styles.get(wd, "-."),
-                            marker="o", markersize=3, color=color,
-                            label=f"{OPTIMIZER_LABELS[name]}, weight decay {wd:g}")
-            color = line.get_color()
-    ax.set(xscale="log", xlabel="peak learning rate", ylim=(1.7, 2.3),
-           ylabel="final validation loss (one seed)",
-           title="Learning-rate sweep, baby GPT, 2000 iterations (losses above 2.3 cut off)")
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[i % len(styles)], marker="o",
+                    markersize=3, color=f"C{i}", label=f"weight decay {wd:g}")
+        if name in best:
+            b = best[name]
+            ax.plot([b["learning_rate"]], [b["final_val_loss"]], marker="*", markersize=12,
+                    color="black", linestyle="none", label=f"best: lr {b['learning_rate']:g}")
+        ax.set_xscale("log")
+        ax.set(title=label(name), xlabel="peak learning rate (log scale)")
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel(f"final val loss ({estimate(sweep)}), one seed")
+    fig.suptitle(f"Learning-rate sweep, baby GPT, {sweep['config']['max_iters']} iterations")
     fig.tight_layout()
     return fig
 
 
-FIGURES = {  # file name -> (suite it needs, builder)
-    "kv_cache_bytes.png": ("kv_cache", kv_bytes_figure),
-    "decode_time.png": ("kv_cache", decode_time_figure),
-    "optimizer_state_ratio.png": ("optimizer_state", state_ratio_figure),
-    "step_time_ratio.png": ("step_time", step_time_figure),
-    "loss_curves.png": ("training", loss_curves_figure),
-    "loss_vs_state.png": ("training", loss_vs_state_figure),
-    "lr_sweep.png": ("lr_sweep", lr_sweep_figure),
+def state_ratio_figure(plt, state: dict):
+    rows = [r for r in float32_rows(state) if "subset_size" not in r and r["optimizer"] != BASELINE]
+    shapes = list(dict.fromkeys(tuple(r["shape"]) for r in rows))
+    names = [n for n in REGISTRY if any(r["optimizer"] == n for r in rows)]
+    markers = ("o", "s", "^", "D", "v", "P")
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    for i, name in enumerate(names):
+        ratios = {tuple(r["shape"]): r["ratio_to_adamw"] for r in rows if r["optimizer"] == name}
+        xs = [x + (i - (len(names) - 1) / 2) * 0.12 for x, s in enumerate(shapes) if s in ratios]
+        ax.plot(xs, [ratios[s] for s in shapes if s in ratios], marker=markers[i % len(markers)],
+                linestyle="none", markersize=6, label=label(name))
+    ax.axhline(1.0, color="black", linewidth=1)
+    ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:g}%"))
+    ax.set_xticks(range(len(shapes)), labels=["x".join(map(str, s)) for s in shapes])
+    ax.set(ylabel=f"state bytes, % of {label(BASELINE)} (log scale)", xlabel="parameter shape",
+           title=f"Optimizer-state bytes as a share of {label(BASELINE)} (black line), measured")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def decode_time_figure(plt, kv: dict):
+    """Per dtype: each path's decode time per layer over its MHA time, against n_kv_head,
+    beside the cache bytes' ratio (where a bandwidth-bound step would sit)."""
+    n_head = decode_n_head(kv)
+    entries = [e for e in kv["summary"]["decode_ratio_to_mha"] if e["n_head"] == n_head]
+    dtypes = sorted({e["dtype"] for e in entries}, reverse=True)
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(10, 3.8), sharey=True, squeeze=False)
+    styles = {"folded": "-", "sdpa_gqa": "--"}
+    for ax, dtype in zip(axes[0], dtypes):
+        mine = [e for e in entries if e["dtype"] == dtype]
+        kvs = sorted({e["n_kv_head"] for e in mine})
+        ax.plot(kvs, [next(e["bytes_ratio_to_mha"] for e in mine if e["n_kv_head"] == k) for k in kvs],
+                color="black", linewidth=3, alpha=0.25, label="cache bytes / MHA's")
+        for i, seq_len in enumerate(sorted({e["seq_len"] for e in mine})):
+            for attention in sorted({e["attention"] for e in mine}):
+                pts = sorted((e["n_kv_head"], e["time_ratio_to_mha"]) for e in mine
+                             if e["seq_len"] == seq_len and e["attention"] == attention)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], styles.get(attention, ":"),
+                        color=f"C{i}", marker="o", markersize=3,
+                        label=f"{attention}, context {seq_len}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(kvs, labels=[str(k) for k in kvs])
+        ax.set_xticks([], minor=True)
+        ax.set(title=dtype.removeprefix("torch."), xlabel=f"K/V heads (of {n_head} query heads)")
+        _ratio_axis(ax, "y")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("decode time per layer / MHA's (log)")
+    fig.suptitle("One decode step over a cache larger than the last-level cache: time against bytes")
+    fig.tight_layout()
+    return fig
+
+
+FIGURES = {  # file name -> (suite it needs, builder, what it shows)
+    "loss_vs_state.png": ("training", loss_vs_state_figure,
+                          "Final validation loss against optimizer-state bytes"),
+    "loss_curves.png": ("training", loss_curves_figure,
+                        "Validation loss over the second half of training, and its gap to AdamW"),
+    "step_time_ratio.png": ("step_time", step_time_figure,
+                            "Optimizer step time relative to torch's fused AdamW"),
+    "decode_time.png": ("kv_cache", decode_time_figure,
+                        "Decode time per layer against K/V heads, relative to MHA"),
+    "optimizer_state_ratio.png": ("optimizer_state", state_ratio_figure,
+                                  "Optimizer-state bytes relative to AdamW"),
+    "lr_sweep.png": ("lr_sweep", lr_sweep_figure,
+                     "Final validation loss against peak learning rate, one panel per optimizer"),
 }
 
 
 def figures(results: dict[str, dict]) -> dict[str, bytes]:
-    """PNG bytes per file name, for every figure whose suite is published."""
+    """PNG bytes per file name, for every figure whose suite is published with current rows
+    (a builder returns None when its suite's rows hold nothing to draw)."""
     plt = _pyplot()
     out = {}
-    for name, (suite, build) in FIGURES.items():
-        if suite in results:
-            fig = build(plt, results[suite])
-            out[name] = _png(fig)
-            plt.close(fig)
+    for name, (suite, build, _) in FIGURES.items():
+        document = current(results, suite)
+        if document is not None:
+            fig = build(plt, document)
+            if fig is None:
+                continue
+            try:
+                out[name] = _png(fig)
+            finally:
+                plt.close(fig)
     return out
 
 
+def matplotlib_version() -> str:
+    import matplotlib
+
+    return matplotlib.__version__
+
+
+# ---- rendering and writing --------------------------------------------------------------
+
+def render(results: dict[str, dict], results_dir: Path, readme: Path, results_readme: Path,
+           plots_dir: Path, figure_version: str | None = None) -> tuple[dict[Path, bytes], list[Path]]:
+    """Everything the report writes, in memory: (path -> bytes, figure files to remove)."""
+    outputs: dict[Path, bytes] = {}
+    version = figure_version or matplotlib_version()
+    for path in (readme, results_readme):
+        def relative(target: Path, path=path) -> str:
+            return Path(os.path.relpath(target, path.parent)).as_posix()
+
+        filled = blocks(results, lambda name: relative(plots_dir / name),
+                        lambda suite: relative(results_dir / f"{suite}.json"), version)
+        text = path.read_text(encoding="utf-8")
+        outputs[path] = render_markdown(text, filled, str(path)).encode("utf-8")
+    made = figures(results)
+    outputs.update({plots_dir / name: png for name, png in made.items()})
+    stale = [plots_dir / name for name in FIGURES if name not in made]
+    return outputs, stale
+
+
+def publish(outputs: dict[Path, bytes], stale: Iterable[Path]) -> None:
+    """Write every file to a temporary file beside it, then move them all into place and
+    remove ``stale``: a failure before the moves leaves every target as it was."""
+    temporaries: list[tuple[str, Path]] = []
+    try:
+        for path, data in outputs.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                mode = stat.S_IMODE(path.stat().st_mode)
+            except FileNotFoundError:
+                umask = os.umask(0)
+                os.umask(umask)
+                mode = 0o666 & ~umask
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            temporaries.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fchmod(f.fileno(), mode)
+                os.fsync(f.fileno())
+    except BaseException:
+        for tmp, _ in temporaries:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    for tmp, path in temporaries:
+        os.replace(tmp, path)
+    for path in stale:
+        path.unlink(missing_ok=True)
+
+
+# ---- --compare --------------------------------------------------------------------------
+
+def _compare_line(what: str, yours: float, published: float, low: float | None = None,
+                  high: float | None = None, fmt: str = ".4f") -> list[str]:
+    if low is None:
+        verdict = "no published spread"
+    else:
+        verdict = "inside" if low <= yours <= high else "outside"
+    spread = "" if low is None else f"{low:{fmt}} to {high:{fmt}}"
+    return [what, f"{yours:{fmt}}", f"{published:{fmt}}", spread, verdict]
+
+
+def compare_training(yours: dict, published: dict) -> list[list[str]]:
+    if yours["config"]["max_iters"] != published["config"]["max_iters"]:
+        return [["(all runs)", "", "", "", f"not comparable: {yours['config']['max_iters']} "
+                 f"iterations against {published['config']['max_iters']}"]]
+    lines = []
+    for run, stats in yours["summary"].items():
+        theirs = published["summary"].get(run)
+        if theirs is None:
+            continue
+        if yours["config"]["runs"][run]["hparams"] != published["config"]["runs"][run]["hparams"]:
+            lines.append([run, "", "", "", "not comparable: other settings"])
+            continue
+        key = ("final_val_loss_whole_split" if "final_val_loss_whole_split" in stats
+               and "final_val_loss_whole_split" in theirs else "final_val_loss")
+        p = theirs[key]
+        lines.append(_compare_line(f"{run}: {key}", stats[key]["mean"], p["mean"],
+                                   p["min"] if p["n"] > 1 else None, p["max"]))
+    return lines
+
+
+def compare_step_time(yours: dict, published: dict) -> list[list[str]]:
+    lines = []
+    for model, entries in yours["summary"].items():
+        for name, e in entries.items():
+            p = published["summary"].get(model, {}).get(name)
+            if p is not None:
+                lines.append(_compare_line(f"{model}: {label(name)}, / {label(BASELINE)}",
+                                           e["ratio_to_adamw"], p["ratio_to_adamw"], fmt=".2f"))
+    return lines
+
+
+def compare_kv_cache(yours: dict, published: dict, decode: bool) -> list[list[str]]:
+    lines = []
+    shapes = {r["model"]: r for r in published["rows"] if r["test"].startswith("test_model_shape")}
+    for r in yours["rows"]:
+        if r["test"].startswith("test_model_shape") and r["model"] in shapes:
+            lines.append(_compare_line(f"{r['model']}: bytes/token", r["bytes_per_token"],
+                                       shapes[r["model"]]["bytes_per_token"], fmt=",.0f")[:4]
+                         + ["equal" if r["bytes_per_token"] == shapes[r["model"]]["bytes_per_token"]
+                            else "differs"])
+    if not decode:
+        lines.append(["decode", "", "", "", "published file has older rows: " + run_command("kv_cache")])
+    else:
+        key = ("dtype", "n_head", "seq_len", "n_kv_head", "attention")
+        theirs = {tuple(e[k] for k in key): e for e in published["summary"]["decode_ratio_to_mha"]}
+        for e in yours["summary"].get("decode_ratio_to_mha", []):
+            p = theirs.get(tuple(e[k] for k in key))
+            if p is not None and e["n_kv_head"] != e["n_head"]:
+                lines.append(_compare_line(
+                    f"decode {e['dtype'].removeprefix('torch.')} T{e['seq_len']} "
+                    f"{e['n_kv_head']}/{e['n_head']} {e['attention']}: time / MHA's",
+                    e["time_ratio_to_mha"], p["time_ratio_to_mha"], fmt=".2f"))
+    return lines
+
+
+def compare_state(yours: dict, published: dict) -> list[list[str]]:
+    theirs = {(tuple(r["shape"]), r["optimizer"], r.get("dtype"), str(r.get("subset_size"))): r
+              for r in published["rows"]}
+    lines = []
+    for r in yours["rows"]:
+        p = theirs.get((tuple(r["shape"]), r["optimizer"], r.get("dtype"), str(r.get("subset_size"))))
+        if p is not None:
+            what = f"{'x'.join(map(str, r['shape']))} {label(r['optimizer'])}"
+            if "subset_size" in r:
+                what += f" subset {r['subset_size']}"
+            lines.append(_compare_line(what + ": / AdamW", r["ratio_to_adamw"], p["ratio_to_adamw"])[:4]
+                         + ["equal" if r["live_bytes"] == p["live_bytes"] else "differs"])
+    return lines
+
+
+def compare(directory: Path, published_dir: Path) -> str:
+    """The user's quick/default results beside the published ones, as text."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"--compare directory {directory} does not exist")
+    published = load_results(published_dir)
+    same_dir = directory.resolve() == Path(published_dir).resolve()
+    out = []
+    found = 0
+    for suite in SUITES:
+        names = [f"{suite}.{p}.json" for p in COMPARED_PROFILES] + ([] if same_dir else [f"{suite}.json"])
+        for name in names:
+            path = directory / name
+            if not path.is_file():
+                continue
+            found += 1
+            yours = read_checked(path)
+            header = f"{suite}: {path} (profile {yours['profile']}) against the published " \
+                     f"{Path(published_dir) / (suite + '.json')}"
+            if suite not in published:
+                out += [header, f"  nothing published for {suite} to compare with", ""]
+                continue
+            theirs = published[suite]
+            if not has_current_rows(suite, yours):
+                out += [header, f"  {path} has older rows; rerun the suite", ""]
+                continue
+            if suite in ("training", "training_bpe"):
+                lines = compare_training(yours, theirs)
+            elif suite == "step_time":
+                lines = (compare_step_time(yours, theirs) if has_current_rows(suite, theirs) else
+                         [["(all)", "", "", "", "published file has older rows: "
+                           + run_command(suite)]])
+            elif suite == "kv_cache":
+                lines = compare_kv_cache(yours, theirs, has_current_rows(suite, theirs))
+            elif suite == "optimizer_state":
+                lines = compare_state(yours, theirs)
+            else:
+                lines = []
+            out.append(header)
+            out += _text_table(["", "yours", "published", "published spread", ""], lines)
+            out.append("")
+    if not found:
+        raise FileNotFoundError(
+            f"{directory} holds no results to compare: expected <suite>.default.json or "
+            f"<suite>.quick.json (python -m pytest bench --benchmark-only writes them)")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _text_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    if not rows:
+        return ["  no rows in common"]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return ["  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
+            for row in [header, *rows]]
+
+
+# ---- command line -----------------------------------------------------------------------
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="python -m bench.report",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results-dir", type=Path, default=REPO / "results" / "cpu",
-                        help="(default: results/cpu)")
-    parser.add_argument("--plots-dir", type=Path, default=REPO / "plots", help="(default: plots)")
-    parser.add_argument("--readme", type=Path, default=REPO / "README.md", help="(default: README.md)")
+                        help="published results to report (default: results/cpu)")
+    parser.add_argument("--plots-dir", type=Path, default=REPO / "plots",
+                        help="where the figures go (default: plots)")
+    parser.add_argument("--readme", type=Path, default=REPO / "README.md",
+                        help="the README with the headline blocks (default: README.md)")
+    parser.add_argument("--results-readme", type=Path, default=REPO / "results" / "README.md",
+                        help="the README with every table (default: results/README.md)")
+    parser.add_argument("--compare", type=Path, metavar="DIR",
+                        help="print the quick/default results in DIR beside the published "
+                             "ones and write nothing")
     args = parser.parse_args(argv)
+    if args.compare is not None:
+        sys.stdout.write(compare(args.compare, args.results_dir))
+        return 0
     results = load_results(args.results_dir)  # raises before anything is written
-    readme = render_readme(args.readme.read_text(encoding="utf-8"), tables(results))
-    for name, png in figures(results).items():
-        atomic_write(args.plots_dir / name, lambda f, data=png: f.write(data))
-        print(f"wrote {args.plots_dir / name}")
-    atomic_write(args.readme, lambda f: f.write(readme.encode("utf-8")))
-    print(f"wrote {args.readme}")
+    for path in (args.readme, args.results_readme):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: the report fills its marked blocks")
+    outputs, stale = render(results, args.results_dir, args.readme, args.results_readme,
+                            args.plots_dir)
+    removed = [p for p in stale if p.exists()]
+    publish(outputs, removed)
+    for path in outputs:
+        print(f"wrote {path}")
+    for path in removed:
+        print(f"removed {path}: its suite is not published with its current rows")
     return 0
 
 

@@ -1,6 +1,10 @@
-"""The README's results section and figures are exactly what results/ generates."""
+"""README.md, results/README.md and plots/ are exactly what the published results generate,
+and the report refuses bad input before it writes anything."""
 
+import copy
+import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -10,64 +14,266 @@ from bench import report
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "cpu"
+README = REPO / "README.md"
+RESULTS_README = REPO / "results" / "README.md"
+PLOTS = REPO / "plots"
 
 
-def test_readme_tables_match_committed_results():
+def recorded_matplotlib() -> str:
+    """The matplotlib version that drew the committed figures (results/README.md says)."""
+    found = re.search(r"Figures drawn with matplotlib (\S+?)\.?$",
+                      RESULTS_README.read_text(encoding="utf-8"), re.MULTILINE)
+    assert found, "results/README.md does not say which matplotlib drew the figures"
+    return found.group(1)
+
+
+@pytest.fixture(scope="module")
+def committed():
+    """What the report makes from the committed results: (path -> bytes, stale figures)."""
     results = report.load_results(RESULTS)
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert report.render_readme(readme, report.tables(results)) == readme, (
-        "README.md is out of date with results/: run python -m bench.report")
+    return report.render(results, RESULTS, README, RESULTS_README, PLOTS,
+                         figure_version=recorded_matplotlib())
 
 
-def test_every_published_figure_is_committed_and_shown():
+@pytest.mark.parametrize("path", [README, RESULTS_README], ids=["README", "results-README"])
+def test_readmes_match_the_committed_results(committed, path):
+    outputs, _ = committed
+    assert outputs[path] == path.read_bytes(), (
+        f"{path.relative_to(REPO)} differs from what results/ generates: run python -m bench.report")
+
+
+def test_plots_are_byte_identical_to_what_the_committed_results_draw(committed):
+    import matplotlib
+
+    if matplotlib.__version__ != recorded_matplotlib():
+        pytest.skip(f"the figures were drawn with matplotlib {recorded_matplotlib()}, this is "
+                    f"{matplotlib.__version__}: PNG bytes differ between versions")
+    outputs, stale = committed
+    made = {path.name: data for path, data in outputs.items() if path.suffix == ".png"}
+    assert sorted(p.name for p in PLOTS.glob("*.png")) == sorted(made), (
+        "plots/ holds other figures than results/ generates: run python -m bench.report")
+    for name, png in made.items():
+        assert (PLOTS / name).read_bytes() == png, (
+            f"plots/{name} differs from what results/ draws: run python -m bench.report")
+        assert b"tEXt" not in png and b"iTXt" not in png and b"tIME" not in png
+    assert not any(p.exists() for p in stale)
+
+
+def test_every_figure_is_shown_and_every_block_filled(committed):
+    outputs, _ = committed
+    readmes = {path: data.decode("utf-8") for path, data in outputs.items() if path.suffix == ".md"}
+    for path, data in outputs.items():
+        if path.suffix == ".png":
+            assert any(f"]({report.os.path.relpath(path, md.parent)})" in text
+                       for md, text in readmes.items()), f"no README shows plots/{path.name}"
+    filled = {m.group(1) for text in readmes.values() for m in report.MARKER.finditer(text)}
     results = report.load_results(RESULTS)
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    for name, (suite, _) in report.FIGURES.items():
-        if suite in results:
-            assert (REPO / "plots" / name).is_file(), f"plots/{name} missing"
-            assert f"(plots/{name})" in readme, f"README does not show plots/{name}"
+    assert filled == set(report.blocks(results, str, str, "x")), "a block is in neither README"
 
 
-def test_figures_are_byte_identical_from_the_same_results():
-    results = report.load_results(RESULTS)
-    if not results:
-        pytest.skip("no results committed")
-    first, second = report.figures(results), report.figures(results)
-    assert first == second
-    for png in first.values():
-        assert b"Software" not in png and b"Creation" not in png
+# ---- bad input ---------------------------------------------------------------------------
+
+@pytest.fixture
+def outputs(tmp_path):
+    """Copies of both READMEs and a plots directory with one figure in it."""
+    readme, results_readme, plots = tmp_path / "README.md", tmp_path / "RESULTS.md", tmp_path / "plots"
+    shutil.copy(README, readme)
+    shutil.copy(RESULTS_README, results_readme)
+    plots.mkdir()
+    (plots / "loss_curves.png").write_bytes(b"previous figure")
+
+    def run(results_dir, *extra):
+        return report.cli.run(report.main, ["--results-dir", str(results_dir), "--plots-dir",
+                                            str(plots), "--readme", str(readme),
+                                            "--results-readme", str(results_readme), *extra])
+
+    def snapshot():
+        return {p: p.read_bytes() for p in (readme, results_readme, *sorted(plots.iterdir()))}
+
+    return run, snapshot
 
 
-def test_bad_results_file_stops_before_writing(tmp_path, capsys):
+def nan_in_a_loss(results):
+    document = json.loads((RESULTS / "training.json").read_text())
+    document["rows"][1]["final_val_loss"] = float("nan")
+    (results / "training.json").write_text(json.dumps(document))  # json writes NaN
+    return "training.json: field rows[1].final_val_loss is nan"
+
+
+def infinity_in_a_ratio(results):
+    document = json.loads((RESULTS / "optimizer_state.json").read_text())
+    document["rows"][3]["ratio_to_adamw"] = float("inf")
+    (results / "optimizer_state.json").write_text(json.dumps(document))
+    return "optimizer_state.json: field rows[3].ratio_to_adamw is inf"
+
+
+def broken_schema(results):
+    (results / "kv_cache.json").write_text(json.dumps({"schema_version": 1, "suite": "kv_cache"}))
+    return "kv_cache.json: missing field 'profile'"
+
+
+def not_json(results):
+    (results / "lr_sweep.json").write_text('{"rows": [')
+    return "lr_sweep.json: not valid JSON"
+
+
+def no_results_files(results):
+    (results / "training.quick.json").write_text("{}")  # not a published name
+    return f"results directory {results} holds no results files"
+
+
+@pytest.mark.parametrize("make", [nan_in_a_loss, infinity_in_a_ratio, broken_schema, not_json,
+                                  no_results_files])
+def test_bad_results_stop_the_report_before_it_writes(tmp_path, outputs, capsys, make):
+    run, snapshot = outputs
     results = tmp_path / "results"
     results.mkdir()
-    (results / "kv_cache.json").write_text(json.dumps({"schema_version": 1, "suite": "kv_cache"}))
-    readme = tmp_path / "README.md"
-    shutil.copy(REPO / "README.md", readme)
-    before = readme.read_bytes()
-    code = report.cli.run(report.main, ["--results-dir", str(results), "--plots-dir",
-                                        str(tmp_path / "plots"), "--readme", str(readme)])
-    assert code == 2
-    assert "kv_cache.json" in capsys.readouterr().err
-    assert readme.read_bytes() == before
-    assert not (tmp_path / "plots").exists()
+    expected = make(results)
+    before = snapshot()
+    assert run(results) == 2
+    assert expected in capsys.readouterr().err
+    assert snapshot() == before
 
 
-def test_missing_suite_leaves_a_pending_note():
-    text = "<!-- results:kv-table -->\nold\n<!-- /results:kv-table -->"
-    assert "No results published" in report.render_readme(text, {})
+def test_a_missing_results_directory_is_named_and_nothing_is_written(tmp_path, outputs, capsys):
+    run, snapshot = outputs
+    before = snapshot()
+    assert run(tmp_path / "missing" / "dir") == 2
+    assert f"results directory {tmp_path / 'missing' / 'dir'} does not exist" in capsys.readouterr().err
+    assert snapshot() == before
 
 
-def training_document(tmp_path):
+def test_a_figure_that_fails_leaves_every_output_as_it_was(tmp_path, outputs, monkeypatch):
+    run, snapshot = outputs
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(RESULTS / "optimizer_state.json", results)
+
+    def fail(plt, document):
+        raise RuntimeError("drawing failed")
+
+    suite, _, alt = report.FIGURES["optimizer_state_ratio.png"]
+    monkeypatch.setitem(report.FIGURES, "optimizer_state_ratio.png", (suite, fail, alt))
+    before = snapshot()
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        run(results)
+    assert snapshot() == before
+    assert sorted(p.name for p in tmp_path.joinpath("plots").iterdir()) == ["loss_curves.png"]
+
+
+def test_a_write_that_fails_midway_leaves_every_target_as_it_was(tmp_path, monkeypatch):
+    targets = [tmp_path / "a.md", tmp_path / "b.png", tmp_path / "c.png"]
+    for path in targets[:2]:
+        path.write_bytes(b"old")
+    calls = []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError("disk full")
+
+    monkeypatch.setattr(report.os, "fsync", fsync)
+    with pytest.raises(OSError, match="disk full"):
+        report.publish({path: b"new" for path in targets}, [targets[0]])
+    assert [p.read_bytes() for p in targets[:2]] == [b"old", b"old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.md", "b.png"]  # no temporaries
+
+
+def test_a_readme_without_its_block_names_the_unknown_one():
+    with pytest.raises(ValueError, match="unknown results block 'kv-tabel'"):
+        report.render_markdown("<!-- results:kv-tabel -->\n<!-- /results:kv-tabel -->",
+                               {"kv-shapes": ""})
+
+
+# ---- suites whose committed file predates their current rows -----------------------------
+
+ENVIRONMENT = {"utc_time": "2026-01-01T00:00:00+00:00", "git_commit": None, "git_dirty": None,
+               "torch": "2.13.0", "cpu": "a CPU", "torch_threads": 2}
+
+
+def decode_document(new_rows: bool):
+    """A kv_cache results file; with ``new_rows`` in the suite's current format."""
+    from bench.test_kv_cache import summarize
+
+    rows = []
+    for dtype in ("torch.float32", "torch.bfloat16"):
+        for n_kv_head in (32, 8, 1):
+            for attention, slowdown in (("folded", 1.0), ("sdpa_gqa", 1.5)):
+                layers = 128 // n_kv_head
+                seconds = slowdown * 1e-3 * (n_kv_head / 32 + 0.01) * layers
+                row = dict(test=f"test_decode[H32-kv{n_kv_head}-{attention}]", n_head=32,
+                           n_kv_head=n_kv_head, seq_len=1024, dtype=dtype, head_dim=128,
+                           analytic_bytes=2**27, live_bytes=2**27, median_s=seconds)
+                if new_rows:
+                    row.update(attention=attention, n_layer=layers, layer_bytes=2**27 // layers,
+                               llc_bytes=2**25, llc_source="sysfs", bytes_read_per_token=2**27,
+                               time_per_token_s=seconds, time_per_layer_s=seconds / layers,
+                               gb_per_s=2**27 / seconds / 1e9)
+                elif attention == "sdpa_gqa":
+                    continue
+                rows.append(row)
+    rows.append(dict(test="test_model_shape_bytes_per_token[m]", model="m", n_layer=2, n_head=4,
+                     n_kv_head=1, head_dim=8, bytes_per_token=64, fraction_of_mha=0.25,
+                     gib_per_32k_context=64 * 32768 / 2**30))
+    summary = summarize(rows) if new_rows else {"decode_speedup_vs_mha": []}
+    return {"rows": rows, "summary": summary, "profile": "full", "environment": ENVIRONMENT}
+
+
+def step_document(new_rows: bool):
+    key = "ratio_to_adamw" if new_rows else "ratio_to_adamw_fused"
+    entries = {name: {key: r, "ratio_to_adamw_foreach": r / 3, "fraction_of_floor": 0.5,
+                      "interleaved_median_s": r * 1e-3, "kernels": {"step": "fused C++"}}
+               for name, r in (("adamw", 1.0), ("adamsn", 0.8), ("adamw_foreach", 3.0))}
+    return {"summary": {"baby": entries, "gpt2-124M": copy.deepcopy(entries)}, "rows": [],
+            "profile": "full", "environment": ENVIRONMENT}
+
+
+@pytest.mark.parametrize("suite, make, block", [
+    ("kv_cache", decode_document, "decode"),
+    ("step_time", step_document, "step-time"),
+])
+def test_older_rows_are_shown_as_not_yet_measured_and_current_ones_render(suite, make, block):
+    old = report.blocks({suite: make(False)}, str, str, "x")
+    assert old[block].startswith("_Not yet measured with this suite's current rows: run "
+                                 f"`python -m pytest bench/test_{suite}.py --benchmark-only")
+    assert report.figures({suite: make(False)}) == {}
+    new = report.blocks({suite: make(True)}, str, str, "x")
+    assert new[block].startswith("| ") and "Not yet measured" not in new[block]
+    pngs = report.figures({suite: make(True)})
+    assert len(pngs) == 1 and next(iter(pngs.values())).startswith(b"\x89PNG")
+
+
+def test_current_decode_rows_give_each_paths_time_against_mha():
+    table = report.blocks({"kv_cache": decode_document(True)}, str, str, "x")["decode"]
+    mqa = next(line for line in table.splitlines() if line.startswith("| float32 | 1024 | 1 |"))
+    assert "| 128 | 128 MiB |" in mqa and mqa.endswith("| 0.031 |")
+    assert "GQA and MQA points each path decodes faster" in table
+    assert "`folded` 2, `sdpa_gqa` 0" in table
+
+
+def test_step_time_headline_takes_the_ratio_to_fused_adamw(tmp_path):
+    results = {"training": training_document(), "step_time": step_document(True)}
+    headline = report.blocks(results, str, str, "x")["headline"]
+    adamsn = next(line for line in headline.splitlines() if line.startswith("| AdamSN |"))
+    assert adamsn.endswith("| 50.0% | 0.80x | 0.80x |")
+    results["step_time"] = step_document(False)
+    headline = report.blocks(results, str, str, "x")["headline"]
+    assert "Step time: not yet measured" in headline
+
+
+# ---- tables from a small training document ----------------------------------------------
+
+def training_document():
     """A small training results file in the suite's own format, run through its summary."""
-    from bench.test_training import summarize
     from bench.results import environment, results_document
+    from bench.test_training import summarize
+    from memeff.train import TrainConfig
 
     def row(label, optimizer, n_kv_head, seed, val, state, whole_split=True):
-        evals = [{"iter": 0, "train_loss": 4.2, "val_loss": 4.2},
-                 {"iter": 10, "train_loss": val - 0.1, "val_loss": val}]
+        evals = [{"iter": it, "train_loss": val + 1 / (it + 1), "val_loss": val + 1 / (it + 2)}
+                 for it in (0, 5, 10)]
         return dict(test=f"test_training[{label}]", label=label, optimizer=optimizer, n_head=4,
-                    n_kv_head=n_kv_head, dataset="char", seed=seed, max_iters=10,
+                    n_kv_head=n_kv_head, dataset="char", seed=seed, max_iters=10, warmup_iters=100,
                     learning_rate=3e-3, weight_decay=0.1, optimizer_hparams={}, evals=evals,
                     final_train_loss=val - 0.1, final_val_loss=val, median_ms_per_iter=1.0,
                     tokens_per_s=1.0, optimizer_state_bytes=state, n_params=10,
@@ -80,7 +286,7 @@ def training_document(tmp_path):
             row("adamw-mqa1", "adamw", 1, 1, 2.3, 700, whole_split=False),
             row("adamw-mqa1", "adamw", 1, 2, 2.3, 700, whole_split=False)]
     tuned = dict(learning_rate=3e-3, weight_decay=0.1)
-    config = {"base": {"n_head": 4}, "max_iters": 10,
+    config = {"base": dataclasses.asdict(TrainConfig()), "max_iters": 10,
               "sample": dict(prompt="ROMEO:", max_new_tokens=5, temperature=0.8, top_k=200, seed=1),
               "hparams": {"adamw": tuned, "adamsn": tuned},
               "runs": {label: {"hparams": dict(tuned)} for label in ("adamw", "adamsn", "adamw-mqa1")}}
@@ -89,23 +295,34 @@ def training_document(tmp_path):
     return document
 
 
-def test_training_table_gives_mean_half_spread_and_share_of_adamw(tmp_path):
-    table = report.training_table(training_document(tmp_path), None).splitlines()
-    assert table[2].startswith("| AdamW | 0.003 / 0.1 | 2 | 2.0000 ± 0.1000 | 2.1000 ± 0.1000 "
-                               "| 2.1150 ± 0.1050 | 800 B | 100.0% | n/a | 100% |")
+def test_training_table_gives_mean_half_spread_and_share_of_adamw():
+    table = report.training_block(training_document(), None, str).splitlines()
+    adamw = report.label("adamw")
+    assert table[2].startswith(f"| {adamw} | 0.003 / 0.1 | 2 | 2.0000 ± 0.1000 | 2.1000 ± 0.1000 "
+                               "| 2.1150 ± 0.1050 | 800 B | 100.0% | 100% |")
     assert table[3].startswith("| AdamSN | 0.003 / 0.1 | 2 | 2.0000 ± 0.0000 | 2.1000 ± 0.0000 "
                                "| 2.1150 ± 0.0050 | 400 B | 50.0% |")
-    assert table[4].startswith("| AdamW (MQA, 1 K/V head) | 0.003 / 0.1 | 2 | 2.2000 ± 0.0000 "
-                               "| 2.3000 ± 0.0000 | n/a | 700 B |")
-    assert table[4].endswith("| 25% |")
-    assert sum("*not ours:*" in line for line in table) == len(report.REFERENCE_ROWS)
+    assert table[4] == (f"| {adamw}, MQA, 1 K/V head | 0.003 / 0.1 | 2 | 2.2000 ± 0.0000 "
+                        "| 2.3000 ± 0.0000 | n/a | 700 B | 87.5% | 25% |")
 
 
-def test_a_run_with_another_warmup_is_named_and_kept_out_of_the_figures(tmp_path):
-    from memeff.train import TrainConfig
+def test_headline_has_a_row_per_optimizer_and_per_attention_layout():
+    headline = report.blocks({"training": training_document()}, str, str, "x")["headline"]
+    lines = headline.splitlines()
+    assert lines[2] == f"| {report.label('adamw')} | 2.1150 ± 0.1050 | 100.0% | not yet measured |"
+    assert lines[3] == "| AdamSN | 2.1150 ± 0.0050 | 50.0% | not yet measured |"
+    assert "| MHA | 4 of 4 | 2.1150 ± 0.1050 | 100% |" in lines
+    assert "| MQA, 1 K/V head | 1 of 4 | 2.3000 ± 0.0000 | 25% |" in lines  # 20-batch: no whole split
 
-    assert report.NANOGPT_WARMUP_ITERS == TrainConfig().warmup_iters
-    document = training_document(tmp_path)
+
+def test_paired_gaps_compare_each_run_with_adamw_at_the_same_seed():
+    gaps = report.paired_gaps_block(training_document()).splitlines()
+    assert gaps[2] == "| AdamSN | 0.0000 | 1: +0.1000, 2: -0.1000 |"
+    assert len(gaps) == 3  # the MQA run has no whole-split loss to pair
+
+
+def test_a_run_with_another_warmup_is_named_and_kept_out_of_the_figures():
+    document = training_document()
     for r in document["rows"]:
         if r["label"] == "adamsn":
             r["label"], r["warmup_iters"] = "adamsn-warmup200", 200
@@ -113,52 +330,87 @@ def test_a_run_with_another_warmup_is_named_and_kept_out_of_the_figures(tmp_path
                            for k, v in document["summary"].items()}
     runs = document["config"]["runs"]
     runs["adamsn-warmup200"] = {"hparams": {**runs.pop("adamsn")["hparams"], "warmup_iters": 200}}
-    table = report.training_table(document, None).splitlines()
-    assert table[3].startswith("| AdamSN (200 warmup iterations) | 0.003 / 0.1 | 2 |")
+    table = report.training_block(document, None, str).splitlines()
+    assert table[3].startswith("| AdamSN, 200 warmup iterations | 0.003 / 0.1 | 2 |")
     assert report.headline_labels(document) == ["adamw", "adamw-mqa1"]
 
 
-def test_a_run_at_another_lr_is_kept_out_of_the_figures(tmp_path):
-    document = training_document(tmp_path)
+def test_a_run_at_another_lr_is_kept_out_of_the_figures():
+    document = training_document()
     document["config"]["runs"]["adamsn"]["hparams"]["learning_rate"] = 6e-3
     assert report.headline_labels(document) == ["adamw", "adamw-mqa1"]
 
 
-def test_training_figures_and_samples_render(tmp_path):
-    document = training_document(tmp_path)
+def test_training_figures_and_samples_render():
+    document = training_document()
     samples = report.samples_block(document)
     assert samples.count("```text") == 3 and "He said 'hi'" in samples
-    plt = report._pyplot()
-    for build in (report.loss_curves_figure, report.loss_vs_state_figure):
-        fig = build(plt, document)
-        assert report._png(fig).startswith(b"\x89PNG")
-        plt.close(fig)
+    pngs = report.figures({"training": document})
+    assert sorted(pngs) == ["loss_curves.png", "loss_vs_state.png"]
 
 
-def test_bpe_rows_follow_with_their_own_adamw_as_the_state_baseline(tmp_path):
-    import copy
-
-    char = training_document(tmp_path)
+def test_bpe_rows_follow_with_their_own_adamw_as_the_state_baseline():
+    char = training_document()
     bpe = copy.deepcopy(char)
     for r in bpe["rows"]:
         r.update(label=r["label"] + "-bpe", dataset="bpe", optimizer_state_bytes=10 * r["optimizer_state_bytes"])
     bpe["summary"] = {k + "-bpe": {**v, "optimizer_state_bytes": 10 * v["optimizer_state_bytes"]}
                       for k, v in bpe["summary"].items()}
-    table = report.training_table(char, None, bpe).splitlines()
-    assert table[5].startswith("| AdamW (GPT-2 BPE) |") and "| 8,000 B | 100.0% |" in table[5]
-    assert table[6].startswith("| AdamSN (GPT-2 BPE) |") and "| 4,000 B | 50.0% |" in table[6]
+    table = report.training_block(char, bpe, str).splitlines()
+    assert table[5].startswith(f"| {report.label('adamw')}, GPT-2 BPE |") and "| 8,000 B | 100.0% |" in table[5]
+    assert table[6].startswith("| AdamSN, GPT-2 BPE |") and "| 4,000 B | 50.0% |" in table[6]
 
 
-def test_sweep_table_gives_each_ablations_whole_split_loss_where_it_has_one():
+def test_ablations_give_each_changes_whole_split_loss_where_it_has_one():
     best = dict(learning_rate=4e-2, weight_decay=0.01, final_train_loss=1.6, final_val_loss=1.8)
     rows = [dict(optimizer="adamsn", variant=None, **best),
-            dict(optimizer="adamsn", variant="old", final_val_loss_whole_split=None),
-            dict(optimizer="adamsn", variant="new", final_val_loss_whole_split=1.78875)]
-    rows[1].pop("final_val_loss_whole_split")  # as rows written before the loss existed
+            dict(optimizer="adamsn", variant="old", git_commit="a" * 40),
+            dict(optimizer="adamsn", variant="new", git_commit="b" * 40,
+                 final_val_loss_whole_split=1.78875)]
     change = dict(learning_rate=4e-2, weight_decay=0.01, final_train_loss=1.7, final_val_loss=1.81,
                   val_loss_change=0.01)
     sweep = {"summary": {"best": {"adamsn": best}, "variants": {"old": change, "new": change}},
-             "config": {"variant_of": "adamsn"}, "rows": rows}
-    lines = report.sweep_table(sweep).splitlines()
-    assert lines[-2] == "| `old` | 1.7000 | 1.8100 | +0.0100 | n/a |"
-    assert lines[-1] == "| `new` | 1.7000 | 1.8100 | +0.0100 | 1.7888 |"
+             "config": {"variant_of": "adamsn", "base": {"eval_iters": 20}}, "rows": rows}
+    lines = report.ablations_block(sweep).splitlines()
+    assert lines[-2] == "| `old` | `aaaaaaa` | 1.7000 | 1.8100 | +0.0100 | n/a |"
+    assert lines[-1] == "| `new` | `bbbbbbb` | 1.7000 | 1.8100 | +0.0100 | 1.7888 |"
+
+
+def test_a_ratio_over_zero_is_an_error_naming_what_it_is():
+    with pytest.raises(ValueError, match="training adamsn state: division by zero"):
+        report.ratio(1, 0, "training adamsn state")
+
+
+# ---- --compare ----------------------------------------------------------------------------
+
+def test_compare_prints_your_results_beside_the_published_spread_and_writes_nothing(tmp_path, capsys):
+    from bench.test_training import summarize
+    from memeff.io import write_json
+
+    published, yours = tmp_path / "published", tmp_path / "yours"
+    published.mkdir()
+    yours.mkdir()
+    write_json(published / "training.json", training_document())
+    mine = training_document()
+    mine["profile"], mine["seeds"] = "default", [1]
+    mine["rows"] = [r for r in mine["rows"] if r["seed"] == 1]
+    mine["rows"][1]["final_val_loss_whole_split"] = 3.0  # adamsn, far outside
+    mine["summary"] = summarize(mine["rows"])
+    write_json(yours / "training.default.json", mine)
+    before = sorted(tmp_path.rglob("*"))
+
+    assert report.cli.run(report.main, ["--compare", str(yours), "--results-dir", str(published)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"adamw: final_val_loss_whole_split\s+2\.0100\s+2\.1150\s+2\.0100 to 2\.2200\s+inside", out)
+    assert re.search(r"adamsn: final_val_loss_whole_split\s+3\.0000\s+2\.1150\s+2\.1100 to 2\.1200\s+outside", out)
+    assert sorted(tmp_path.rglob("*")) == before
+
+    mine["config"]["max_iters"] = 200
+    write_json(yours / "training.default.json", mine)
+    report.cli.run(report.main, ["--compare", str(yours), "--results-dir", str(published)])
+    assert "not comparable: 200 iterations against 10" in capsys.readouterr().out
+
+
+def test_compare_without_quick_or_default_results_exits_2(tmp_path, capsys):
+    assert report.cli.run(report.main, ["--compare", str(tmp_path), "--results-dir", str(RESULTS)]) == 2
+    assert f"{tmp_path} holds no results to compare" in capsys.readouterr().err
