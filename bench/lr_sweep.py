@@ -4,46 +4,51 @@ Trains nanoGPT's baby config (2000 iterations, one seed) for each optimizer over
 grid of peak learning rates spanning 100x around the expected best, and, for the
 optimizers whose lr scale differs from AdamW's, with and without weight decay (decoupled
 decay scales with the lr, so a 10x lr wants about a 10x smaller decay). Everything else,
-the schedule's shape included, is the baby config.
+the schedule's shape included, is the baby config. ``--variants`` trains ablations of
+AdamSN at the best point of its grid instead.
 
-Each finished run is added to the results file at once (atomically), and a run already
-in the file is not trained again: an interrupted sweep continues where it stopped when
-started again with the same arguments. A full sweep takes hours on a 2-core CPU.
+Runs train through :mod:`bench.experiments`: each keeps its checkpoint and result under
+``--runs-dir``, so a sweep started again with the same arguments continues where it
+stopped, mid-run included. The rows go to the results file after each run, atomically:
+``--out`` (default ``runs/lr_sweep.json``, a scratch file git ignores), or with
+``--publish`` the committed ``results/cpu/lr_sweep.json`` that the report and the README
+read. A run whose row the file holds already is not trained again (rows are matched by
+optimizer, lr, weight decay, settings, seed and iterations, so a results file is for one
+base configuration). A full sweep takes hours on a 2-core CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
-from bench.common import worker_pool
-from memeff import cli
-from memeff.optim.registry import OPTIMIZER_NAMES
+from bench import experiments
+from bench.experiments import Driver, Run
 from bench.results import environment, read_results, results_document
+from memeff import cli
 from memeff.io import write_json
-from memeff.train import TrainConfig, train
+from memeff.optim.registry import OPTIMIZER_NAMES
+from memeff.train import TrainConfig
 
-log = logging.getLogger("bench.lr_sweep")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PUBLISHED = REPO_ROOT / "results" / "cpu" / "lr_sweep.json"
+SCRATCH = REPO_ROOT / "runs" / "lr_sweep.json"  # runs/ is git-ignored
+RUNS_DIR = REPO_ROOT / "runs" / "lr_sweep"
+BABY = TrainConfig(log_interval=250)  # nanoGPT's baby config; progress at every evaluation
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results" / "cpu" / "lr_sweep.json"
-# weight decay -> learning rates, per optimizer. Each optimizer's main grid (6 lrs spanning
-# 100x) is at one weight decay; the optimizers whose lr scale differs from AdamW's also try
-# 0.1 (and AdamSN 0.01) at the three lrs in the middle of the grid. Centres: AdamW's best in
-# a one-seed trial with nanoGPT's train.py was 3e-3 (1e-3 is nanoGPT's default); AdamSN's
-# 2e-2 to 3e-2, best with weight decay 0.01; torch Adafactor's 3e-2 to 1e-1 without weight
-# decay (see bench/test_training.py). Headline optimizers come first.
+# weight decay -> peak learning rates, per optimizer. Each optimizer's main grid is 6 lrs
+# spanning 100x around its expected best, at one weight decay; the optimizers whose lr
+# scale differs from AdamW's also train at 0.1 (and AdamSN at 0.01, on a finer grid) over
+# the middle of theirs. Headline optimizers come first.
 ADAM_LRS = (3e-4, 1e-3, 3e-3, 6e-3, 1e-2, 3e-2)
 SUBSET_NORM_LRS = (1e-3, 3e-3, 1e-2, 2e-2, 4e-2, 1e-1)
 ADAFACTOR_LRS = (3e-3, 1e-2, 3e-2, 6e-2, 1e-1, 3e-1)
 GRID = {
     "adamw": {0.1: ADAM_LRS},
-    # weight decay 0.01 was best at 4e-2, the edge of its first three lrs: 3e-2 and 6e-2 refine it
     "adamsn": {0.0: SUBSET_NORM_LRS, 0.01: (1e-2, 2e-2, 3e-2, 4e-2, 6e-2), 0.1: SUBSET_NORM_LRS[2:5]},
     "adafactor": {0.0: ADAFACTOR_LRS, 0.1: ADAFACTOR_LRS[1:4]},
     "adamsnsm": {0.0: SUBSET_NORM_LRS, 0.1: SUBSET_NORM_LRS[2:5]},
@@ -53,9 +58,9 @@ GRID = {
 OPTIMIZER_HPARAMS = {"adamsnsm": {"rank": 32}}
 
 
-# Ablations of AdamSN (why does it trail AdamW, if it does?), each trained at the lr and
-# weight decay AdamSN's grid found best unless its TrainConfig fields give another
-# learning_rate or weight_decay: name -> (optimizer_hparams, TrainConfig fields).
+# Ablations of AdamSN, each trained at the lr and weight decay of the best point of AdamSN's
+# grid unless its TrainConfig fields give another learning_rate or weight_decay:
+# name -> (optimizer_hparams, TrainConfig fields).
 VARIANTS = {
     # no change: the best grid point again, so that ablations trained on another machine than
     # the grid compare with a run from their own (float results differ between hosts)
@@ -68,7 +73,7 @@ VARIANTS = {
     # the update scales with 1/sqrt(k), and 4x smaller subsets take 2x the step at one lr
     "subset-32-lr2e-2": ({"subset_size": 32}, {"learning_rate": 2e-2}),
     "subset-8-lr1e-2": ({"subset_size": 8}, {"learning_rate": 1e-2}),
-    # less momentum: the optimizers that beat AdamSN here have less of it (Adafactor none,
+    # less momentum, as the optimizers without a full first moment have (Adafactor none,
     # AdamSN+SM none outside its rank-32 subspace)
     "beta1-0.8": ({}, {"beta1": 0.8}),
     # a subset's second moment averages many squared gradients, so its best averaging
@@ -79,12 +84,13 @@ VARIANTS = {
     # all 65 tokens, so frequent tokens set the step of rare ones; one subset per token
     # (a row) holds 65 values instead of 128
     "tied-rows": ({"group_hparams": {"tied": {"subset_size": 128}}}, {}),
-    # the grid's weight decays 0, 0.01 and 0.1 leave a 10x gap above its best, 0.01
+    # weight decays between the grid's 0.01 and 0.1
     "wd-2e-2": ({}, {"weight_decay": 2e-2}),
     "wd-3e-2": ({}, {"weight_decay": 3e-2}),
-    # per-element second moments at AdamSN's lr take ~13x AdamW's step: the tied weight
-    # per-element at AdamW's lr (the matched step "tied-per-element" lacked), and the
-    # parameters that are per-element anyway (position embedding, LayerNorm gains) likewise
+    # per-element second moments at AdamSN's lr take (AdamSN's lr / AdamW's lr) times
+    # AdamW's step: the tied weight per-element at AdamW's lr ("tied-per-element" keeps
+    # AdamSN's), and the parameters that are per-element anyway (position embedding,
+    # LayerNorm gains) likewise
     "tied-per-element-lr3e-3": ({"tied_weight_as_linear": False,
                                  "group_hparams": {"tied": {"lr": 3e-3}}}, {}),
     "per-element-lr3e-3": ({"group_hparams": {"other_weights": {"lr": 3e-3},
@@ -112,72 +118,6 @@ def best_per_optimizer(rows: list[dict]) -> dict:
     return best
 
 
-def run_one(name: str, lr: float, wd: float, hparams: dict, seed: int, max_iters: int,
-            overrides: dict | None = None, threads: int | None = None) -> dict:
-    """Train one grid point; the measured part of its row."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-    result = train(TrainConfig(optimizer=name, learning_rate=lr, weight_decay=wd,
-                               optimizer_hparams=hparams, seed=seed, max_iters=max_iters,
-                               log_interval=500, **(overrides or {})))
-    return {"final_train_loss": result.final_train_loss, "final_val_loss": result.final_val_loss,
-            "final_val_loss_whole_split": result.final_val_loss_whole_split,
-            "evals": result.evals, "median_ms_per_iter": result.median_ms_per_iter,
-            "optimizer_state_bytes": result.optimizer_state_bytes,
-            "torch_threads": torch.get_num_threads()}
-
-
-def _run_numbered(job: tuple[int, tuple]) -> tuple[int, dict]:
-    """``run_one`` in a worker process, with the job's number to match it to its row."""
-    index, args = job
-    return index, run_one(*args)
-
-
-def sweep(optimizers: Sequence[str], out: Path, max_iters: int, seed: int,
-          lrs: Sequence[float] | None = None, weight_decays: Sequence[float] | None = None,
-          workers: int = 1) -> dict:
-    """Train every missing grid point, writing ``out`` after each run; return the document.
-
-    ``workers`` > 1 trains that many runs at once in separate processes, splitting this
-    process's torch threads between them (on a 2-core CPU, two 1-thread runs finish about
-    1.4x sooner than two 2-thread runs one after the other). Losses do not depend on it
-    beyond float rounding; the per-iteration times in the rows do.
-    """
-    rows: list[dict] = read_results(out)["rows"] if out.exists() else []
-    plan = []
-    for name in optimizers:
-        grid = GRID[name]
-        for wd in weight_decays if weight_decays is not None else grid:
-            for lr in lrs or grid.get(wd, max(grid.values(), key=len)):
-                plan.append(dict(optimizer=name, learning_rate=lr, weight_decay=wd,
-                                 optimizer_hparams=OPTIMIZER_HPARAMS.get(name, {}), seed=seed,
-                                 max_iters=max_iters))
-    if not plan:
-        raise ValueError("the sweep's grid is empty: check --lrs and --weight-decays")
-    return _train_missing(plan, rows, out, seed, max_iters, workers)
-
-
-def ablate(variants: Sequence[str], out: Path, max_iters: int, seed: int, workers: int = 1) -> dict:
-    """Train each of AdamSN's ``variants`` at the best lr and weight decay of its grid in ``out``."""
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    rows: list[dict] = read_results(out)["rows"] if out.exists() else []
-    best = best_per_optimizer([r for r in rows if r["seed"] == seed and r["max_iters"] == max_iters])
-    if VARIANT_OF not in best:
-        raise ValueError(f"{out} has no {VARIANT_OF} grid runs with seed {seed} and {max_iters} "
-                         f"iterations: run the sweep with --optimizers {VARIANT_OF} first")
-    plan = []
-    for v in variants:
-        overrides = dict(VARIANTS[v][1])
-        plan.append(dict(optimizer=VARIANT_OF,
-                         learning_rate=overrides.pop("learning_rate", best[VARIANT_OF]["learning_rate"]),
-                         weight_decay=overrides.pop("weight_decay", best[VARIANT_OF]["weight_decay"]),
-                         optimizer_hparams={**OPTIMIZER_HPARAMS.get(VARIANT_OF, {}), **VARIANTS[v][0]},
-                         seed=seed, max_iters=max_iters, variant=v, train_overrides=overrides))
-    return _train_missing(plan, rows, out, seed, max_iters, workers)
-
-
 def summary(rows: list[dict]) -> dict:
     best = best_per_optimizer(rows)
     base = best.get(VARIANT_OF)
@@ -189,47 +129,124 @@ def summary(rows: list[dict]) -> dict:
     return {"best": best, "variants": variants}
 
 
-def _train_missing(plan: list[dict], rows: list[dict], out: Path, seed: int, max_iters: int,
-                   workers: int) -> dict:
+def grid_plan(optimizers: Sequence[str], seed: int, max_iters: int,
+              lrs: Sequence[float] | None = None,
+              weight_decays: Sequence[float] | None = None) -> list[dict]:
+    """The rows' identifying fields of every grid point: each weight decay of the grid (or
+    ``weight_decays``) with its lrs (or ``lrs``; a weight decay the grid lacks takes the
+    optimizer's main lrs). A point named twice is planned once."""
+    unknown = [o for o in optimizers if o not in GRID]
+    if unknown:
+        raise ValueError(f"unknown optimizer(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(OPTIMIZER_NAMES)}")
+    plan = []
+    for name in optimizers:
+        grid = GRID[name]
+        for wd in weight_decays if weight_decays is not None else grid:
+            for lr in lrs or grid.get(wd, max(grid.values(), key=len)):
+                plan.append(dict(optimizer=name, learning_rate=lr, weight_decay=wd,
+                                 optimizer_hparams=OPTIMIZER_HPARAMS.get(name, {}), seed=seed,
+                                 max_iters=max_iters))
+    if not plan:
+        raise ValueError("the sweep's grid is empty: check --lrs and --weight-decays")
+    return list({run_key(row): row for row in plan}.values())
+
+
+def ablation_plan(variants: Sequence[str], rows: list[dict], seed: int, max_iters: int) -> list[dict]:
+    """The rows' identifying fields of each of AdamSN's ``variants``, at the best point of
+    its grid among ``rows`` (of ``seed`` and ``max_iters``)."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    best = best_per_optimizer([r for r in rows if r["seed"] == seed and r["max_iters"] == max_iters])
+    if VARIANT_OF not in best:
+        raise ValueError(f"the results file has no {VARIANT_OF} grid runs with seed {seed} and "
+                         f"{max_iters} iterations: run the sweep with --optimizers {VARIANT_OF} "
+                         f"first")
+    plan = []
+    for v in dict.fromkeys(variants):
+        optimizer_hparams, fields = VARIANTS[v]
+        overrides = dict(fields)
+        plan.append(dict(optimizer=VARIANT_OF,
+                         learning_rate=overrides.pop("learning_rate", best[VARIANT_OF]["learning_rate"]),
+                         weight_decay=overrides.pop("weight_decay", best[VARIANT_OF]["weight_decay"]),
+                         optimizer_hparams={**OPTIMIZER_HPARAMS.get(VARIANT_OF, {}), **optimizer_hparams},
+                         seed=seed, max_iters=max_iters, variant=v, train_overrides=overrides))
+    return plan
+
+
+def run_of(row: dict) -> Run:
+    """The experiment run of a planned row; its name says what it is and tells its
+    directory apart from every other point's."""
+    variant = f"-{row['variant']}" if row.get("variant") else ""
+    name = (f"{row['optimizer']}{variant}-lr{row['learning_rate']:g}-wd{row['weight_decay']:g}"
+            f"-{row['max_iters']}it")
+    return Run(name, row["optimizer"], {"learning_rate": row["learning_rate"],
+                                        "weight_decay": row["weight_decay"],
+                                        "optimizer_hparams": row["optimizer_hparams"],
+                                        "max_iters": row["max_iters"],
+                                        **row.get("train_overrides", {})})
+
+
+def sweep(optimizers: Sequence[str], out: Path, seed: int = 1337,
+          lrs: Sequence[float] | None = None, weight_decays: Sequence[float] | None = None,
+          workers: int = 1, base: TrainConfig = BABY, runs_dir: Path = RUNS_DIR,
+          progress: bool = True) -> dict:
+    """Train every grid point not yet in ``out``, rewriting ``out`` after each; return the
+    document. ``base`` is the config every run starts from (the baby config)."""
+    plan = grid_plan(optimizers, seed, base.max_iters, lrs, weight_decays)
+    return _train_missing(plan, _rows(out), out, seed, base, runs_dir, workers, progress)
+
+
+def ablate(variants: Sequence[str], out: Path, seed: int = 1337, workers: int = 1,
+           base: TrainConfig = BABY, runs_dir: Path = RUNS_DIR, progress: bool = True) -> dict:
+    """Train each of AdamSN's ``variants`` at the best lr and weight decay of its grid in ``out``."""
+    rows = _rows(out)
+    plan = ablation_plan(variants, rows, seed, base.max_iters)
+    return _train_missing(plan, rows, out, seed, base, runs_dir, workers, progress)
+
+
+def _rows(out: Path) -> list[dict]:
+    return read_results(out)["rows"] if out.exists() else []
+
+
+def _train_missing(plan: list[dict], rows: list[dict], out: Path, seed: int, base: TrainConfig,
+                   runs_dir: Path, workers: int, progress: bool) -> dict:
     """Train the runs of ``plan`` not yet in ``rows``, rewriting ``out`` after each."""
-    if workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
     done = {run_key(r) for r in rows}
     plan = [row for row in plan if run_key(row) not in done]
+    runs = [run_of(row) for row in plan]
+    trials = experiments.plan(runs, [seed], base, runs_dir)
     env = environment("cpu")
     config = {"grid": {name: {str(wd): list(lrs) for wd, lrs in grid.items()}
                        for name, grid in GRID.items()},
               "optimizer_hparams": OPTIMIZER_HPARAMS, "variants": VARIANTS,
-              "variant_of": VARIANT_OF, "max_iters": max_iters,
-              "base": {k: v for k, v in vars(TrainConfig()).items()
+              "variant_of": VARIANT_OF, "max_iters": base.max_iters,
+              "base": {k: v for k, v in dataclasses.asdict(base).items()
                        if k not in ("out_dir", "resume", "optimizer_hparams")}}
-    total = len(rows) + len(plan)
-
-    def finished(row: dict, measured: dict) -> None:
-        rows.append({**row, "git_commit": env["git_commit"], "git_dirty": env["git_dirty"],
-                     **measured})
-        document = results_document("lr_sweep", "full", env, [seed], config, rows)
-        document["summary"] = summary(rows)
-        write_json(out, document)
-        log.info("%d/%d runs done: %s%s, lr %g, weight decay %g: val loss %.4f", len(rows), total,
-                 row["optimizer"], f" ({row['variant']})" if row.get("variant") else "",
-                 row["learning_rate"], row["weight_decay"], measured["final_val_loss"])
-
-    args = [(r["optimizer"], r["learning_rate"], r["weight_decay"], r["optimizer_hparams"],
-             seed, max_iters, r.get("train_overrides")) for r in plan]
-    if workers == 1:
-        for row, arg in zip(plan, args):
-            log.info("training %s, lr %g, weight decay %g", *arg[:3])
-            finished(row, run_one(*arg))
-    else:
-        threads = max(1, torch.get_num_threads() // workers)
-        with worker_pool(workers) as pool:
-            jobs = [(index, arg + (threads,)) for index, arg in enumerate(args)]
-            for index, measured in pool.imap_unordered(_run_numbered, jobs):
-                finished(plan[index], measured)
+    row_of = {run.name: row for run, row in zip(runs, plan)}
+    with Driver(trials, workers, progress) as driver:
+        for finished in driver.as_completed():
+            result = finished.result
+            rows.append({**row_of[finished.trial.run.name], "git_commit": env["git_commit"],
+                         "git_dirty": env["git_dirty"],
+                         "final_train_loss": result.final_train_loss,
+                         "final_val_loss": result.final_val_loss,
+                         "final_val_loss_whole_split": result.final_val_loss_whole_split,
+                         "evals": result.evals, "median_ms_per_iter": result.median_ms_per_iter,
+                         "optimizer_state_bytes": result.optimizer_state_bytes,
+                         "torch_threads": finished.torch_threads})
+            document = results_document("lr_sweep", "full", env, [seed], config, rows)
+            document["summary"] = summary(rows)
+            write_json(out, document)
     if not out.exists():
         raise ValueError("nothing to train and no results file yet")
     return read_results(out)
+
+
+def _shown(path: Path) -> str:
+    """``path`` as --help shows it: from the repository root when it is inside it."""
+    return str(path.relative_to(REPO_ROOT)) if REPO_ROOT in path.parents else str(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -243,18 +260,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "grid's lrs for it, or its main lrs)")
     parser.add_argument("--variants", default=None,
                         help=f"instead of the grid, train these AdamSN ablations (comma-separated, "
-                             f"from {', '.join(VARIANTS)}, or 'all') at AdamSN's best grid point")
-    parser.add_argument("--max-iters", type=int, default=2000, help="(default: 2000)")
+                             f"from {', '.join(VARIANTS)}, or 'all') at AdamSN's best grid point "
+                             f"in the results file")
+    parser.add_argument("--max-iters", type=int, default=BABY.max_iters,
+                        help=f"(default: {BABY.max_iters})")
     parser.add_argument("--seed", type=int, default=1337, help="(default: 1337)")
     parser.add_argument("--workers", type=int, default=1,
                         help="runs trained at once, each in its own process (default: 1)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"(default: {DEFAULT_OUT})")
+    parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR,
+                        help=f"each run's checkpoint, result and train.log, kept to resume from "
+                             f"(default: {_shown(RUNS_DIR)})")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=None,
+                       help=f"the results file (default: {_shown(SCRATCH)})")
+    where.add_argument("--publish", action="store_true",
+                       help=f"write the rows to {_shown(PUBLISHED)}, the file the "
+                            f"report and the README read, keeping the rows it holds")
     args = parser.parse_args(argv)
-    optimizers = args.optimizers.split(",")
-    unknown = [o for o in optimizers if o not in GRID]
-    if unknown:
-        raise ValueError(f"unknown optimizer(s) {', '.join(unknown)}; choose from "
-                         f"{', '.join(OPTIMIZER_NAMES)}")
+    out = PUBLISHED if args.publish else args.out or SCRATCH
+    base = dataclasses.replace(BABY, max_iters=args.max_iters)
 
     def floats(text: str | None, flag: str) -> list[float] | None:
         if text is None:
@@ -266,11 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.variants is not None:
         variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
-        document = ablate(variants, args.out, args.max_iters, args.seed, args.workers)
+        document = ablate(variants, out, args.seed, args.workers, base, args.runs_dir)
     else:
-        document = sweep(optimizers, args.out, args.max_iters, args.seed, floats(args.lrs, "--lrs"),
-                         floats(args.weight_decays, "--weight-decays"), args.workers)
+        document = sweep(args.optimizers.split(","), out, args.seed, floats(args.lrs, "--lrs"),
+                         floats(args.weight_decays, "--weight-decays"), args.workers, base,
+                         args.runs_dir)
     print(json.dumps(document["summary"], indent=2))
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
