@@ -1,5 +1,5 @@
 """Helpers the benchmark suites share: profiles, synchronized timing, SDPA backend names,
-worker processes for training runs."""
+peak resident memory, worker processes for training runs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import multiprocessing.pool
 import os
 import signal
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -128,6 +129,24 @@ def peak_allocated_bytes(fn: Callable[[], object], device: torch.device) -> tupl
         running += nbytes
         peak = max(peak, running)
     return peak, "cpu profiler allocation events"
+
+
+def peak_rss_bytes() -> dict[str, int | None]:
+    """Peak resident memory so far of this process (``self``) and of the largest of its
+    finished, waited-for child processes and their descendants (``children``: training
+    workers, compilers), from ``getrusage``; None where the platform has no ``resource``.
+
+    ``ru_maxrss`` is a high-water mark over the process's life, never reset. A child
+    started by a plain ``fork`` counts the pages it shares with this process until it
+    execs; ``spawn`` workers and ``subprocess`` (vfork/posix_spawn) start small.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        return {"self": None, "children": None}
+    unit = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return {"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit,
+            "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit}
 
 
 def use_shared_copies(shared: os.PathLike) -> None:

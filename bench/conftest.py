@@ -10,6 +10,10 @@ it writes ``<suite>.<profile>.json`` beside it instead, unless ``--overwrite-pub
 A ``full`` run of part of a suite (``-k``, ``--deselect``, node ids) writes
 ``<suite>.partial.json``, so that ``<suite>.json`` in the ``full`` profile always holds a
 whole suite.
+
+Each file records the session's peak resident memory when the suite's last test finished
+(``peak_rss_bytes``, and ``peak_rss_children_bytes`` for worker processes). The end of a
+run names each file written and counts the skipped tests by reason.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.common import use_shared_copies
+from bench.common import peak_rss_bytes, use_shared_copies
 from bench.results import PROFILES, environment, read_results, results_document
 from memeff.io import write_json
 
@@ -70,7 +74,8 @@ def suite_of(path: str | os.PathLike) -> str:
 
 
 class Recorder:
-    """Collects rows per suite, notes failing suites, and writes the files at the end."""
+    """Collects rows per suite, notes failing suites, peak memory and skip reasons, and
+    writes the files at the end."""
 
     def __init__(self, config):
         self.config = config
@@ -79,6 +84,9 @@ class Recorder:
         self.modules: dict[str, object] = {}
         self.failed: set[str] = set()
         self.partial: set[str] = set()  # suites of which some tests were not selected
+        self.peak_rss: dict[str, dict[str, int | None]] = {}
+        self.skipped: Counter[str] = Counter()  # reason -> tests
+        self.messages: list[str] = []  # for the terminal summary
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_collection_modifyitems(self, session, config, items):
@@ -90,17 +98,42 @@ class Recorder:
         self.partial |= {suite_of(arg.split("::")[0]) for arg in config.args if "::" in arg}
 
     def pytest_runtest_logreport(self, report):
+        suite = suite_of(report.nodeid.split("::")[0])
         if report.failed:
-            self.failed.add(suite_of(report.nodeid.split("::")[0]))
+            self.failed.add(suite)
+        self.note_skip(report)
+        if report.when == "teardown":
+            # ru_maxrss is the peak over the whole process's life, never reset: a suite gets
+            # the peak at the time its last test (with its fixtures' teardown) finished,
+            # which includes every suite that ran before it
+            self.peak_rss[suite] = peak_rss_bytes()
+
+    def pytest_collectreport(self, report):
+        self.note_skip(report)  # a module skipped as a whole (pytest.importorskip, ...)
+
+    def note_skip(self, report) -> None:
+        if not report.skipped or hasattr(report, "wasxfail"):
+            return
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        self.skipped[reason.removeprefix("Skipped: ")] += 1
 
     def pytest_sessionfinish(self, session, exitstatus):
-        if not self.rows:
-            return
+        # the lines wait for the terminal summary, so that they start on a line of their own
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-        say = reporter.write_line if reporter else print
+        say = self.messages.append if reporter else print
         if exitstatus == pytest.ExitCode.INTERRUPTED:
-            say("memeff: interrupted, no results written (previous files left as they were)")
+            if self.rows:
+                say("memeff: interrupted, no results written (previous files left as they were)")
             return
+        self.write_results(say)
+        for reason, count in self.skipped.most_common():
+            say(f"memeff: {count} skipped: {reason}")
+
+    def pytest_terminal_summary(self, terminalreporter):
+        for line in self.messages:
+            terminalreporter.write_line(line)
+
+    def write_results(self, say) -> None:
         profile = self.config.getoption("--profile")
         seeds = seeds_for(self.config)
         for suite, rows in sorted(self.rows.items()):
@@ -112,10 +145,14 @@ class Recorder:
                                         module.suite_config(profile), rows)
             if hasattr(module, "summarize"):
                 document["summary"] = module.summarize(rows)
+            peak = self.peak_rss.get(suite) or peak_rss_bytes()
+            document["peak_rss_bytes"] = peak["self"]
+            document["peak_rss_children_bytes"] = peak["children"]
             path = results_path(self.config, suite, partial=suite in self.partial)
             write_json(path, document)
-            say(f"memeff: wrote {path}" + (" (not every test of the suite ran)"
-                                            if suite in self.partial else ""))
+            rss = "" if peak["self"] is None else f", peak RSS {peak['self'] / 2**30:.2f} GiB"
+            say(f"memeff: wrote {path}{rss}" + (" (not every test of the suite ran)"
+                                                 if suite in self.partial else ""))
 
 
 def seeds_for(config) -> list[int]:

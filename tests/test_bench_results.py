@@ -131,3 +131,51 @@ def test_training_runs_pick_up_where_an_interrupted_session_stopped(tmp_path, mo
     assert suite.train_or_resume(cfg) == resumed  # its result.json, reused
     with pytest.raises(ValueError, match="another configuration"):
         suite.train_or_resume(dataclasses.replace(cfg, learning_rate=5e-3))
+
+
+FAKE_SUITE = '''
+import pytest
+
+def suite_config(profile):
+    return {{}}
+
+def test_recorded(record, benchmark):
+    benchmark(lambda: None)
+    {allocate}
+    record(value=1)
+
+@pytest.mark.parametrize("i", range(3))
+def test_skipped_by_profile(benchmark, i):
+    pytest.skip("in the full profile: run with --profile full")
+
+def test_skipped_for_a_gpu(benchmark):
+    pytest.skip("needs a GPU")
+'''
+
+
+def test_bench_end_names_files_counts_skips_and_records_peak_memory(tmp_path):
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    (suites / "test_a_small.py").write_text(FAKE_SUITE.format(allocate="pass"))
+    # the later suite writes 800 MB that stay resident while its test runs
+    (suites / "test_b_large.py").write_text(FAKE_SUITE.format(
+        allocate="held = b'x' * 800_000_000"))
+    command = [sys.executable, "-m", "pytest", "-p", "bench.conftest", str(suites),
+               "--benchmark-only", "--profile", "quick", "--results-dir", str(tmp_path / "out"),
+               "-q", "-p", "no:cacheprovider"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    for suite in ("a_small", "b_large"):
+        assert any(line.startswith(f"memeff: wrote {tmp_path / 'out' / suite}.json, peak RSS ")
+                   for line in lines), result.stdout
+    assert "memeff: 6 skipped: in the full profile: run with --profile full" in lines
+    assert "memeff: 2 skipped: needs a GPU" in lines
+
+    small = read_results(tmp_path / "out" / "a_small.json")
+    large = read_results(tmp_path / "out" / "b_large.json")
+    assert isinstance(small["peak_rss_bytes"], int) and small["peak_rss_bytes"] > 10 * 2**20
+    assert isinstance(small["peak_rss_children_bytes"], int)
+    # each suite has the peak when its own last test finished, not the session's (with a
+    # margin: the later suite's 800 MB may reuse memory the earlier one had freed)
+    assert large["peak_rss_bytes"] - small["peak_rss_bytes"] > 400_000_000
