@@ -1,5 +1,5 @@
 """Helpers the benchmark suites share: profiles, synchronized timing, SDPA backend names,
-peak resident memory, worker processes for training runs."""
+which path an optimizer step took, peak resident memory, worker processes for training runs."""
 
 from __future__ import annotations
 
@@ -129,6 +129,65 @@ def peak_allocated_bytes(fn: Callable[[], object], device: torch.device) -> tupl
         running += nbytes
         peak = max(peak, running)
     return peak, "cpu profiler allocation events"
+
+
+def observe_kernels(optimizer: torch.optim.Optimizer, run: Callable[[], object],
+                    device: torch.device) -> dict:
+    """Call ``run()``, which steps ``optimizer``, and say which code stepped its parameters.
+
+    memeff's optimizers ask ``compiled_kernels(work, grad)`` for the C++ kernels on every
+    parameter and call them only where the parameter and its state fit them (dtype,
+    device, layout; AdamSN+SM's projected momentum never does); elsewhere they step in
+    PyTorch ops. For the length of ``run()`` the instance's ``compiled_kernels`` is
+    wrapped so that a kernel call marks its parameter compiled, which observes the path
+    instead of predicting it. Returns ``kernels``: ``"compiled"``, ``"eager"``,
+    ``"compiled+eager"`` (some of each) or ``"torch"`` (not one of memeff's optimizers);
+    ``compiled_fraction``: the share of stepped elements the kernels took (None for
+    torch's); ``kernels_error``: why the kernels could not be built, where a CPU step ran
+    eager for want of them (else None).
+    """
+    if not hasattr(optimizer, "compiled_kernels"):
+        run()
+        return {"kernels": "torch", "compiled_fraction": None, "kernels_error": None}
+    asked: list[list] = []  # [elements, called a kernel] per parameter, in step order
+    ask = optimizer.compiled_kernels
+
+    def compiled_kernels(work, grad):
+        asked.append([work.numel(), False])
+        module = ask(work, grad)
+        return None if module is None else _KernelCalls(module, asked[-1])
+
+    optimizer.compiled_kernels = compiled_kernels  # shadows the method on this instance only
+    try:
+        run()
+    finally:
+        del optimizer.compiled_kernels
+    compiled = sum(n for n, called in asked if called)
+    total = sum(n for n, _ in asked)
+    kernels = "compiled" if compiled == total else "eager" if compiled == 0 else "compiled+eager"
+    error = None
+    if compiled < total and device.type == "cpu" and getattr(optimizer, "backend", None) != "eager":
+        from memeff.optim import kernels as compiled_module
+
+        error = compiled_module.build_error()  # tried already by the step: cached
+    return {"kernels": kernels, "compiled_fraction": compiled / total if total else None,
+            "kernels_error": error}
+
+
+class _KernelCalls:
+    """The kernels module, marking its parameter's entry when any kernel is called."""
+
+    def __init__(self, module, entry: list):
+        self._module, self._entry = module, entry
+
+    def __getattr__(self, name):
+        kernel = getattr(self._module, name)
+
+        def call(*args, **kwargs):
+            self._entry[1] = True
+            return kernel(*args, **kwargs)
+
+        return call
 
 
 def peak_rss_bytes() -> dict[str, int | None]:

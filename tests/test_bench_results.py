@@ -179,3 +179,39 @@ def test_bench_end_names_files_counts_skips_and_records_peak_memory(tmp_path):
     # each suite has the peak when its own last test finished, not the session's (with a
     # margin: the later suite's 800 MB may reuse memory the earlier one had freed)
     assert large["peak_rss_bytes"] - small["peak_rss_bytes"] > 400_000_000
+
+
+def test_observe_kernels_says_which_code_stepped_the_parameters():
+    import torch
+
+    from bench.common import observe_kernels
+    from memeff.optim import build_optimizer_for_tensors, kernels
+
+    cpu = torch.device("cpu")
+
+    def observed(name, dtype=torch.float32, **settings):
+        params = [torch.randn(8, 16, dtype=dtype, requires_grad=True),
+                  torch.randn(16, dtype=dtype, requires_grad=True)]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer = build_optimizer_for_tensors(name, params, lr=1e-3, **settings)
+        before = [p.detach().clone() for p in params]
+        path = observe_kernels(optimizer, optimizer.step, cpu)
+        assert all(not torch.equal(p, b) for p, b in zip(params, before))  # it stepped
+        assert "compiled_kernels" not in vars(optimizer)  # the wrapper is gone
+        return path
+
+    assert observed("adamw") == {"kernels": "torch", "compiled_fraction": None,
+                                 "kernels_error": None}
+    assert observed("adafactor", backend="eager")["kernels"] == "eager"
+    assert observed("adamsn", dtype=torch.bfloat16)["kernels"] == "eager"  # not a kernel dtype
+    if kernels.load() is None:
+        assert observed("adamsn")["kernels_error"] == kernels.build_error()
+        pytest.skip(f"the compiled kernels do not build here: {kernels.build_error()}")
+    assert observed("adamsn") == {"kernels": "compiled", "compiled_fraction": 1.0,
+                                  "kernels_error": None}
+    assert observed("adafactor")["kernels"] == "compiled"
+    # subspace momentum steps its (8, 16) matrix eagerly, the 1-D tensor in the kernels
+    mixed = observed("adamsnsm", rank=2)
+    assert mixed["kernels"] == "compiled+eager" and mixed["compiled_fraction"] == 16 / (128 + 16)
+
