@@ -215,3 +215,15 @@ def test_observe_kernels_says_which_code_stepped_the_parameters():
     mixed = observed("adamsnsm", rank=2)
     assert mixed["kernels"] == "compiled+eager" and mixed["compiled_fraction"] == 16 / (128 + 16)
 
+
+def test_step_time_summary_has_the_keys_the_report_reads():
+    from bench.test_step_time import summarize
+
+    row = dict(model="baby", ratio_to_adamw=0.5, ratio_to_adamw_foreach=0.25,
+               fraction_of_floor=0.4, interleaved_median_s=1e-3, kernels="compiled",
+               floor_bytes=1)
+    rows = [dict(row, test="test_step_time[baby-adamsn]", optimizer="adamsn"),
+            dict(test="test_train_iteration[adamsn-kv4]", model="baby", optimizer="adamsn")]
+    assert summarize(rows) == {"baby": {"adamsn": {
+        "ratio_to_adamw": 0.5, "ratio_to_adamw_foreach": 0.25, "fraction_of_floor": 0.4,
+        "interleaved_median_s": 1e-3, "kernels": "compiled"}}}
