@@ -20,9 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 DECODE_ATTENTIONS = ("folded", "sdpa")
-# On the CPU "folded" is the faster path for GQA and MQA in float32 and bfloat16 in the
-# kv_cache suite's decode rows (results/cpu/kv_cache.json, summary decode_faster_attention);
-# for MHA the two are the same call.
+# "folded" is the path the kv_cache bench suite measures faster on the CPU for GQA and MQA
+# decode, in float32 and in bfloat16 (results/cpu/kv_cache.json, summary keys
+# decode_faster_attention and decode_faster_attention_by_dtype); for MHA the two paths are
+# the same call. A GPU's results file may favour "sdpa": pass it to GPT(decode_attention=).
 DECODE_ATTENTION = "folded"
 
 
