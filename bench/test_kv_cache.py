@@ -16,16 +16,23 @@ Each decode grid point is timed with both decode paths of
 ``memeff.model.grouped_attention``, one row each: ``folded`` (a group's query heads laid
 along the query axis; ``decode_attention="folded"``) and ``sdpa_gqa``
 (``F.scaled_dot_product_attention(..., enable_gqa=True)``; ``decode_attention="sdpa"``).
-For MHA the two are the same call. Depth differs between rows, so rows compare by
-``time_per_layer_s``; ``gb_per_s`` is the cache bytes a token reads over its step's time.
+For MHA the two are the same call. The two paths are timed in turn, round after round,
+so that drifts of a shared machine fall on both alike; ``time_per_token_s`` is that
+median, and ``median_s`` is pytest-benchmark's own, of a few more rounds. Depth differs
+between rows, so rows compare by ``time_per_layer_s``; ``gb_per_s`` is the cache bytes a
+token reads over its step's time.
 
 Prefill is one layer's attention of ``seq_len`` tokens to each other, causally.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import statistics
+import time
 from types import SimpleNamespace
+from typing import Callable
 
 import pytest
 import torch
@@ -52,7 +59,8 @@ MIN_LAYERS = 2  # every step moves from one layer's cache to another's
 MAX_LAYERS = 128  # about the deepest published models (126 layers)
 MAX_CACHE_BYTES = 2 * 2**30  # the decode model's whole cache
 FLUSH_MULTIPLE = 2  # the scratch buffer updated before each decode step, in LLCs
-DECODE_ROUNDS, DECODE_WARMUP = 7, 1
+DECODE_ROUNDS, DECODE_WARMUP = 7, 1  # interleaved rounds of both paths
+DECODE_BENCHMARK_ROUNDS = 2  # pytest-benchmark's own, per row
 
 # published shapes, for bytes per token of context (batch 1, 16-bit cache)
 MODEL_SHAPES = {
@@ -75,6 +83,7 @@ def suite_config(profile: str) -> dict:
                              "max_layers": MAX_LAYERS, "max_cache_bytes": MAX_CACHE_BYTES},
             "decode_flush_llc_multiple": FLUSH_MULTIPLE,
             "decode_rounds": DECODE_ROUNDS, "decode_warmup_rounds": DECODE_WARMUP,
+            "decode_benchmark_rounds": DECODE_BENCHMARK_ROUNDS,
             "timed": {"decode": "one new token's attention over the cache of every layer in "
                                 "turn (one decode step), after an untimed pass that evicts "
                                 "the last-level cache",
@@ -135,9 +144,32 @@ def filled_cache(config: GPTConfig, seq_len: int, dtype, device) -> KVCache:
     return cache
 
 
+def decode_step(q, keys, values, decode_attention: str) -> None:
+    """One new token's attention over every layer's cache, in layer order."""
+    offset = keys[0].size(2) - 1
+    for k, v in zip(keys, values):
+        grouped_attention(q, k, v, causal_offset=offset, decode_attention=decode_attention)
+
+
+def interleaved_decode_medians(steps: dict[str, Callable[[], None]], evict: Callable[[], None],
+                               device: torch.device) -> dict[str, float]:
+    """Median seconds of each decode step, timed in turn round after round, each after an
+    untimed ``evict()``: bench.common.interleaved_medians with the eviction off the clock."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(DECODE_WARMUP + DECODE_ROUNDS):
+        for name, step in steps.items():
+            evict()
+            t0 = time.perf_counter()
+            step()
+            synchronize(device)
+            if r >= DECODE_WARMUP:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 @pytest.fixture(scope="module", params=DECODE_POINTS, ids=point_id)
 def decode_model(request, device, profile):
-    """The filled caches of one decode grid point, for both of its attention rows.
+    """The filled caches of one decode grid point and both paths' interleaved medians.
 
     Module scope with one param at a time: pytest runs a point's rows together and frees
     its caches before it builds the next point's.
@@ -160,49 +192,46 @@ def decode_model(request, device, profile):
     if allocated is not None:  # every K/V tensor here is a multiple of the allocator's block
         assert allocated == analytic == allocator_bytes(cache.tensors()), (
             f"allocator grew by {allocated} bytes, formula says {analytic}")
+
+    q = torch.randn(BATCH_SIZE, n_head, 1, HEAD_DIM, dtype=dtype, device=device)
+    scratch = torch.zeros(FLUSH_MULTIPLE * llc_bytes // 4, device=device)  # float32
+
+    def evict_llc():
+        scratch.add_(1.0)  # read and written, so every line of it passes through the LLC
+        synchronize(device)
+
+    steps = {attention: functools.partial(decode_step, q, cache.keys, cache.values, name)
+             for attention, name in ATTENTIONS.items()}
     yield SimpleNamespace(
-        config=config, cache=cache, seq_len=seq_len, dtype=dtype,
-        q=torch.randn(BATCH_SIZE, n_head, 1, HEAD_DIM, dtype=dtype, device=device),
-        scratch=torch.zeros(FLUSH_MULTIPLE * llc_bytes // 4, device=device),  # float32
+        config=config, cache=cache, q=q, seq_len=seq_len, dtype=dtype, steps=steps,
+        evict_llc=evict_llc, flush_bytes=scratch.nbytes,
+        medians=interleaved_decode_medians(steps, evict_llc, device),
         layer_bytes=layer_bytes, analytic=analytic, live=live, allocated=allocated,
         llc_bytes=llc_bytes, llc_source=llc_source)
-
-
-def decode_step(q, keys, values, decode_attention: str) -> None:
-    """One new token's attention over every layer's cache, in layer order."""
-    offset = keys[0].size(2) - 1
-    for k, v in zip(keys, values):
-        grouped_attention(q, k, v, causal_offset=offset, decode_attention=decode_attention)
 
 
 @pytest.mark.benchmark(group="kv-cache decode")
 @pytest.mark.parametrize("attention", list(ATTENTIONS))
 def test_decode(benchmark, record, device, decode_model, attention):
     m = decode_model
-    config, keys, values, q = m.config, m.cache.keys, m.cache.values, m.q
+    config, q, k, v = m.config, m.q, m.cache.keys[0], m.cache.values[0]
     group = config.n_head // config.n_kv_head
-
-    def evict_llc():
-        m.scratch.add_(1.0)  # read and written, so every line of it passes through the LLC
-        synchronize(device)
-
-    benchmark.pedantic(
-        synchronized(lambda: decode_step(q, keys, values, ATTENTIONS[attention]), device),
-        setup=evict_llc, rounds=DECODE_ROUNDS, warmup_rounds=DECODE_WARMUP)
+    benchmark.pedantic(synchronized(m.steps[attention], device), setup=m.evict_llc,
+                       rounds=DECODE_BENCHMARK_ROUNDS)
     if attention == "folded":
-        backend = sdpa_backend(q.view(BATCH_SIZE, config.n_kv_head, group, HEAD_DIM),
-                               keys[0], values[0])
+        backend = sdpa_backend(q.view(BATCH_SIZE, config.n_kv_head, group, HEAD_DIM), k, v)
     else:
-        backend = sdpa_backend(q, keys[0], values[0], enable_gqa=group > 1)
-    seconds = benchmark.stats.stats.median
+        backend = sdpa_backend(q, k, v, enable_gqa=group > 1)
+    seconds = m.medians[attention]
     record(attention=attention, n_head=config.n_head, n_kv_head=config.n_kv_head,
            seq_len=m.seq_len, dtype=str(m.dtype), head_dim=HEAD_DIM, batch_size=BATCH_SIZE,
            n_layer=config.n_layer, layer_bytes=m.layer_bytes, analytic_bytes=m.analytic,
            live_bytes=m.live, allocator_bytes=m.allocated, llc_bytes=m.llc_bytes,
            llc_source=m.llc_source, llc_multiple=m.analytic / m.llc_bytes,
-           flush_bytes=m.scratch.nbytes, bytes_read_per_token=m.analytic,
+           flush_bytes=m.flush_bytes, bytes_read_per_token=m.analytic,
            time_per_token_s=seconds, time_per_layer_s=seconds / config.n_layer,
-           gb_per_s=m.analytic / seconds / 1e9, sdpa_backend=backend)
+           gb_per_s=m.analytic / seconds / 1e9, interleaved_rounds=DECODE_ROUNDS,
+           sdpa_backend=backend)
 
 
 # ---- prefill --------------------------------------------------------------------------
