@@ -48,7 +48,7 @@ def label(name: str) -> str:
 def run_command(suite: str) -> str:
     """The command that publishes ``suite``."""
     if suite == "lr_sweep":
-        return "python -m bench.lr_sweep --workers 2"
+        return "python -m bench.lr_sweep --workers 2 --publish"
     return f"python -m pytest bench/test_{suite}.py --benchmark-only --profile full"
 
 

@@ -75,19 +75,6 @@ def test_interrupted_bench_leaves_previous_results(tmp_path):
     assert json.loads((results / "kv_cache.json").read_text()) == {"previous": True}
 
 
-@pytest.mark.parametrize("jobs, workers, cores, expected", [
-    (30, 2, 2, [1] * 30),  # the char runs: two at a time on a core each
-    (3, 2, 2, [1, 1, 2]),  # the BPE runs: the third runs alone, on both cores
-    (1, 2, 2, [2]),
-    (5, 2, 8, [4, 4, 4, 4, 8]),
-    (4, 3, 2, [1, 1, 1, 2]),
-])
-def test_training_jobs_share_the_cores(jobs, workers, cores, expected):
-    from bench.test_training import threads_per_job
-
-    assert threads_per_job(jobs, workers, cores) == expected
-
-
 def test_interrupted_worker_pool_stops_its_runs_at_once():
     import time
 
@@ -103,34 +90,6 @@ def test_interrupted_worker_pool_stops_its_runs_at_once():
     assert time.monotonic() - start < 60
     assert not any(p.is_alive() for p in processes)
     assert not any(run.ready() and run.successful() for run in runs)
-
-
-def test_training_runs_pick_up_where_an_interrupted_session_stopped(tmp_path, monkeypatch,
-                                                                   interrupt_at_eval):
-    import dataclasses
-
-    from bench import test_training as suite
-    from memeff.train import TrainConfig, train
-
-    tiny = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32, batch_size=8,
-                eval_iters=2, warmup_iters=5, log_interval=1000, max_iters=40, eval_interval=10)
-    cfg = TrainConfig(**tiny, out_dir=str(tmp_path / "run"))
-    uninterrupted = train(TrainConfig(**tiny))
-
-    disarm = interrupt_at_eval(4)  # evaluations at 0, 10, 20 have run and been checkpointed
-    with pytest.raises(KeyboardInterrupt):
-        suite.train_or_resume(cfg)
-    disarm()
-
-    resumed = suite.train_or_resume(cfg)  # from the checkpoint at iteration 20
-    assert resumed.iters_run == 20
-    assert resumed.evals == uninterrupted.evals
-    assert "eval 40/40" in (tmp_path / "run" / "train.log").read_text()  # progress, both sessions
-
-    monkeypatch.setattr(suite, "train", lambda cfg: pytest.fail("a finished run was retrained"))
-    assert suite.train_or_resume(cfg) == resumed  # its result.json, reused
-    with pytest.raises(ValueError, match="another configuration"):
-        suite.train_or_resume(dataclasses.replace(cfg, learning_rate=5e-3))
 
 
 FAKE_SUITE = '''
