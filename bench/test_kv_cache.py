@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import statistics
 import time
 from types import SimpleNamespace
@@ -202,10 +203,12 @@ def decode_model(request, device, profile):
 
     steps = {attention: functools.partial(decode_step, q, cache.keys, cache.values, name)
              for attention, name in ATTENTIONS.items()}
+    medians = interleaved_decode_medians(steps, evict_llc, device)
     yield SimpleNamespace(
         config=config, cache=cache, q=q, seq_len=seq_len, dtype=dtype, steps=steps,
-        evict_llc=evict_llc, flush_bytes=scratch.nbytes,
-        medians=interleaved_decode_medians(steps, evict_llc, device),
+        evict_llc=evict_llc, flush_bytes=scratch.nbytes, medians=medians,
+        # other work on the machine stalls each multi-threaded kernel call; say how much there was
+        load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         layer_bytes=layer_bytes, analytic=analytic, live=live, allocated=allocated,
         llc_bytes=llc_bytes, llc_source=llc_source)
 
@@ -231,7 +234,7 @@ def test_decode(benchmark, record, device, decode_model, attention):
            flush_bytes=m.flush_bytes, bytes_read_per_token=m.analytic,
            time_per_token_s=seconds, time_per_layer_s=seconds / config.n_layer,
            gb_per_s=m.analytic / seconds / 1e9, interleaved_rounds=DECODE_ROUNDS,
-           sdpa_backend=backend)
+           load_average_1m=m.load_average, sdpa_backend=backend)
 
 
 # ---- prefill --------------------------------------------------------------------------
