@@ -18,7 +18,7 @@ along the query axis; ``decode_attention="folded"``) and ``sdpa_gqa``
 (``F.scaled_dot_product_attention(..., enable_gqa=True)``; ``decode_attention="sdpa"``).
 For MHA the two are the same call. The two paths are timed in turn, round after round,
 so that drifts of a shared machine fall on both alike; ``time_per_token_s`` is that
-median, and ``median_s`` is pytest-benchmark's own, of a few more rounds. Depth differs
+median, and ``median_s`` is pytest-benchmark's own, of two more rounds. Depth differs
 between rows, so rows compare by ``time_per_layer_s``; ``gb_per_s`` is the cache bytes a
 token reads over its step's time.
 
@@ -50,7 +50,7 @@ BATCH_SIZE = 1
 N_HEADS = (8, 16, 32)
 KV_DIVISORS = (1, 2, 4, 8, None)  # n_kv_head = n_head // divisor; None is MQA (1)
 SEQ_LENS = (256, 1024, 4096, 8192)  # prefill
-DECODE_SEQ_LENS = (1024, 4096, 8192)  # a shorter MQA cache is a few KiB per layer
+DECODE_SEQ_LENS = (1024, 4096, 8192)  # shorter MQA caches need far over MAX_LAYERS layers
 CUDA_ONLY_SEQ_LENS = (8192,)  # the GPU target's context length; minutes more on a CPU
 DTYPES = (torch.float32, torch.bfloat16)
 # decode rows' attention -> memeff.model.grouped_attention's decode_attention
