@@ -61,7 +61,10 @@ def last_level_cache(device: torch.device) -> tuple[int, str]:
         if size > 0:
             return size, "cuda L2_cache_size"
         return FALLBACK_LLC_BYTES, "fallback"
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    if hasattr(os, "sched_getaffinity"):
+        cpus = os.sched_getaffinity(0)
+    else:
+        cpus = set(range(os.cpu_count() or 1))
     size = sysfs_llc_bytes(cpus)
     if size:
         return size, "sysfs"

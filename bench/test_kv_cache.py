@@ -338,7 +338,8 @@ def summarize(rows: list[dict]) -> dict:
         "decode_faster_attention_by_dtype": wins,
         "prefill_speedup_vs_mha": [
             {"n_head": r["n_head"], "n_kv_head": r["n_kv_head"], "seq_len": r["seq_len"],
-             "dtype": r["dtype"], "speedup": base[(r["n_head"], r["seq_len"], r["dtype"])] / r["median_s"]}
+             "dtype": r["dtype"],
+             "speedup": base[(r["n_head"], r["seq_len"], r["dtype"])] / r["median_s"]}
             for r in prefill if (r["n_head"], r["seq_len"], r["dtype"]) in base
         ],
     }
