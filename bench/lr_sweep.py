@@ -31,7 +31,7 @@ from bench.experiments import Driver, Run
 from bench.results import environment, read_results, results_document
 from memeff import cli
 from memeff.io import write_json
-from memeff.optim.registry import OPTIMIZER_NAMES
+from memeff.optim.registry import OPTIMIZER_NAMES, REGISTRY
 from memeff.train import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +54,9 @@ GRID = {
     "adamsnsm": {0.0: SUBSET_NORM_LRS, 0.1: SUBSET_NORM_LRS[2:5]},
     "torch_adafactor": {0.0: ADAFACTOR_LRS, 0.1: ADAFACTOR_LRS[1:4]},
 }
-# extra optimizer arguments per optimizer (rank 128 would be full rank at n_embd 128)
-OPTIMIZER_HPARAMS = {"adamsnsm": {"rank": 32}}
+# the settings each optimizer keeps throughout its sweep: its tuned ones other than lr and decay
+OPTIMIZER_HPARAMS = {name: REGISTRY[name].tuned["optimizer_hparams"] for name in GRID
+                     if "optimizer_hparams" in REGISTRY[name].tuned}
 
 
 # Ablations of AdamSN, each trained at the lr and weight decay of the best point of AdamSN's

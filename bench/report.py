@@ -31,7 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Sequence
 
-from bench.results import read_results
+from bench.results import is_current, read_results
 from memeff import cli
 from memeff.optim.registry import BASELINE, OPTIMIZER_NAMES, REGISTRY, spec
 
@@ -93,25 +93,10 @@ def decode_rows(kv: dict) -> list[dict]:
     return [r for r in kv["rows"] if r["test"].startswith("test_decode")]
 
 
-def has_current_rows(suite: str, document: dict) -> bool:
-    """Whether ``document`` has the rows and summary the suite writes now."""
-    if suite == "kv_cache":
-        rows = decode_rows(document)
-        summary = document.get("summary") or {}
-        return bool(rows) and all("attention" in r and "time_per_layer_s" in r for r in rows) \
-            and "decode_ratio_to_mha" in summary
-    if suite == "step_time":
-        summary = document.get("summary") or {}
-        entries = [e for model in summary.values() if isinstance(model, dict)
-                   for e in model.values()]
-        return bool(entries) and all(isinstance(e, dict) and "ratio_to_adamw" in e for e in entries)
-    return True
-
-
 def current(results: dict[str, dict], suite: str) -> dict | None:
     """The suite's document when it is published with its current rows, else None."""
     document = results.get(suite)
-    return document if document is not None and has_current_rows(suite, document) else None
+    return document if document is not None and is_current(document) else None
 
 
 def pending(results: dict[str, dict], suite: str) -> str:
@@ -351,7 +336,7 @@ def provenance_block(results: dict[str, dict], data_link: Callable[[str], str],
             device += f" ({env['cpu_capability']})"
         threads = f"{env['torch_threads']} thread{'s' if env['torch_threads'] != 1 else ''}"
         took = duration(env)
-        status = "" if has_current_rows(suite, doc) else " (older rows: not shown)"
+        status = "" if is_current(doc) else " (older rows: not shown)"
         rows.append([f"[`{suite}`]({data_link(suite)}){status}", f"`{doc['profile']}`",
                      env["utc_time"] + (f", {took}" if took else ""),
                      f"`{(env.get('git_commit') or 'unknown')[:7]}`{dirty}",
@@ -1121,17 +1106,17 @@ def compare(directory: Path, published_dir: Path) -> str:
                 out += [header, f"  nothing published for {suite} to compare with", ""]
                 continue
             theirs = published[suite]
-            if not has_current_rows(suite, yours):
+            if not is_current(yours):
                 out += [header, f"  {path} has older rows; rerun the suite", ""]
                 continue
             if suite in ("training", "training_bpe"):
                 lines = compare_training(yours, theirs)
             elif suite == "step_time":
-                lines = (compare_step_time(yours, theirs) if has_current_rows(suite, theirs) else
+                lines = (compare_step_time(yours, theirs) if is_current(theirs) else
                          [["(all)", "", "", "", "published file has older rows: "
                            + run_command(suite)]])
             elif suite == "kv_cache":
-                lines = compare_kv_cache(yours, theirs, has_current_rows(suite, theirs))
+                lines = compare_kv_cache(yours, theirs, is_current(theirs))
             elif suite == "optimizer_state":
                 lines = compare_state(yours, theirs)
             else:

@@ -78,7 +78,14 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
     return env
 
 
-SCHEMA_VERSION = 1
+# each suite's row and summary version (1 for a suite not listed): raised whenever the shape
+# of what the suite writes changes, so that a file of older rows is known as such
+SCHEMA_VERSIONS = {"kv_cache": 2, "optimizer_state": 1, "step_time": 2, "training": 1,
+                   "training_bpe": 1, "lr_sweep": 1}
+
+
+def schema_version(suite: str) -> int:
+    return SCHEMA_VERSIONS.get(suite, 1)
 PROFILES = ("quick", "default", "full")
 # key -> type(s) every results file carries at its top level
 REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -102,7 +109,7 @@ def results_document(suite: str, profile: str, env: dict[str, Any], seeds: list[
     flag describe the code that ran); the finishing time is added here.
     """
     document = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": schema_version(suite),
         "suite": suite,
         "profile": profile,
         "environment": {**env, "finished_utc_time": _utc_now()},
@@ -124,9 +131,10 @@ def validate_results(document: Any, source: str = "results") -> None:
         if not isinstance(document[key], kind):
             raise ValueError(f"{source}: field {key!r} should be {kind}, "
                              f"got {type(document[key]).__name__}")
-    if document["schema_version"] != SCHEMA_VERSION:
-        raise ValueError(f"{source}: schema_version {document['schema_version']}, "
-                         f"this code reads {SCHEMA_VERSION}")
+    newest = schema_version(document["suite"])
+    if not 1 <= document["schema_version"] <= newest:
+        raise ValueError(f"{source}: schema_version {document['schema_version']}, this code "
+                         f"reads {document['suite']} files up to {newest}")
     if document["profile"] not in PROFILES:
         raise ValueError(f"{source}: profile {document['profile']!r} is not one of {PROFILES}")
     missing = [k for k in REQUIRED_ENVIRONMENT if k not in document["environment"]]
@@ -135,6 +143,11 @@ def validate_results(document: Any, source: str = "results") -> None:
     for i, row in enumerate(document["rows"]):
         if not isinstance(row, dict):
             raise ValueError(f"{source}: row {i} is not an object")
+
+
+def is_current(document: dict[str, Any]) -> bool:
+    """Whether a valid results document has the rows its suite writes now (not older ones)."""
+    return document["schema_version"] == schema_version(document["suite"])
 
 
 def read_results(path: str | os.PathLike) -> dict[str, Any]:

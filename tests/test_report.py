@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import report
+from bench.results import SCHEMA_VERSIONS
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "cpu"
@@ -216,7 +217,8 @@ def decode_document(new_rows: bool):
                      n_kv_head=1, head_dim=8, bytes_per_token=64, fraction_of_mha=0.25,
                      gib_per_32k_context=64 * 32768 / 2**30))
     summary = summarize(rows) if new_rows else {"decode_speedup_vs_mha": []}
-    return {"rows": rows, "summary": summary, "profile": "full", "environment": ENVIRONMENT}
+    return {"rows": rows, "summary": summary, "profile": "full", "environment": ENVIRONMENT,
+            "suite": "kv_cache", "schema_version": SCHEMA_VERSIONS["kv_cache"] - (not new_rows)}
 
 
 def step_document(new_rows: bool):
@@ -225,7 +227,8 @@ def step_document(new_rows: bool):
                       "interleaved_median_s": r * 1e-3, "kernels": {"step": "fused C++"}}
                for name, r in (("adamw", 1.0), ("adamsn", 0.8), ("adamw_foreach", 3.0))}
     return {"summary": {"baby": entries, "gpt2-124M": copy.deepcopy(entries)}, "rows": [],
-            "profile": "full", "environment": ENVIRONMENT}
+            "profile": "full", "environment": ENVIRONMENT, "suite": "step_time",
+            "schema_version": SCHEMA_VERSIONS["step_time"] - (not new_rows)}
 
 
 @pytest.mark.parametrize("suite, make, block", [

@@ -81,3 +81,16 @@ def test_changed_results_and_plots_do_not_make_the_tree_dirty(tmp_path):
     assert git_state(tmp_path / "results")["dirty"] is False  # from any directory of the tree
     (tmp_path / "code.py").write_text("1\n")
     assert git_state(tmp_path / "results")["dirty"] is True
+
+
+def test_a_file_of_older_rows_reads_but_is_not_current():
+    from bench.results import SCHEMA_VERSIONS, is_current
+
+    document = results_document("kv_cache", "full", environment("cpu"), [1337], {}, [{"x": 1}])
+    assert is_current(document)
+    document["schema_version"] = SCHEMA_VERSIONS["kv_cache"] - 1
+    validate_results(document)
+    assert not is_current(document)
+    document["schema_version"] = SCHEMA_VERSIONS["kv_cache"] + 1
+    with pytest.raises(ValueError, match="reads kv_cache files up to"):
+        validate_results(document)
