@@ -54,15 +54,19 @@ def sdpa_backend(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False) -> 
 
 
 def interleaved_medians(candidates: dict[str, Callable[[], object]], rounds: int,
-                        device: torch.device, warmup: int = 2) -> dict[str, float]:
+                        device: torch.device, warmup: int = 2,
+                        before_each: Callable[[], object] | None = None) -> dict[str, float]:
     """Median seconds of each callable, timed in turn round after round.
 
     Interleaving spreads the machine's drifts (other load, clock changes) over all
     candidates alike, so ratios between them are fair even on a noisy machine.
+    ``before_each`` runs, off the clock, before every timed call.
     """
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for r in range(warmup + rounds):
         for name, fn in candidates.items():
+            if before_each is not None:
+                before_each()
             synchronize(device)
             t0 = time.perf_counter()
             fn()

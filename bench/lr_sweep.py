@@ -19,7 +19,6 @@ base configuration). A full sweep takes hours on a 2-core CPU.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys

@@ -30,16 +30,13 @@ from __future__ import annotations
 import functools
 import math
 import os
-import statistics
-import time
 from types import SimpleNamespace
-from typing import Callable
 
 import pytest
 import torch
 
-from bench.common import (allocator_bytes, allocator_delta, require_profile, sdpa_backend,
-                          synchronize, synchronized)
+from bench.common import (allocator_bytes, allocator_delta, interleaved_medians,
+                          require_profile, sdpa_backend, synchronize, synchronized)
 from bench.hardware import last_level_cache
 from memeff import GPTConfig, KVCache
 from memeff.memory import cache_bytes, kv_cache_bytes
@@ -152,22 +149,6 @@ def decode_step(q, keys, values, decode_attention: str) -> None:
         grouped_attention(q, k, v, causal_offset=offset, decode_attention=decode_attention)
 
 
-def interleaved_decode_medians(steps: dict[str, Callable[[], None]], evict: Callable[[], None],
-                               device: torch.device) -> dict[str, float]:
-    """Median seconds of each decode step, timed in turn round after round, each after an
-    untimed ``evict()``: bench.common.interleaved_medians with the eviction off the clock."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for r in range(DECODE_WARMUP + DECODE_ROUNDS):
-        for name, step in steps.items():
-            evict()
-            t0 = time.perf_counter()
-            step()
-            synchronize(device)
-            if r >= DECODE_WARMUP:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 @pytest.fixture(scope="module", params=DECODE_POINTS, ids=point_id)
 def decode_model(request, device, profile):
     """The filled caches of one decode grid point and both paths' interleaved medians.
@@ -203,7 +184,8 @@ def decode_model(request, device, profile):
 
     steps = {attention: functools.partial(decode_step, q, cache.keys, cache.values, name)
              for attention, name in ATTENTIONS.items()}
-    medians = interleaved_decode_medians(steps, evict_llc, device)
+    medians = interleaved_medians(steps, DECODE_ROUNDS, device, warmup=DECODE_WARMUP,
+                                  before_each=evict_llc)
     yield SimpleNamespace(
         config=config, cache=cache, q=q, seq_len=seq_len, dtype=dtype, steps=steps,
         evict_llc=evict_llc, flush_bytes=scratch.nbytes, medians=medians,

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.common import use_shared_copies
 
@@ -46,3 +47,13 @@ def interrupt_at_eval(monkeypatch):
         return lambda: monkeypatch.setattr(train_module, "estimate_loss", real_estimate)
 
     return arm
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: a tiny model trains fastest so, most of all on a CPU
+    other work shares."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

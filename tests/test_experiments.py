@@ -17,13 +17,7 @@ TINY = TrainConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, 
                    max_iters=8, eval_interval=2, warmup_iters=2, log_interval=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A tiny model trains fastest on one thread, most of all on a CPU other work shares."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_a_finished_run_is_reused(tmp_path, monkeypatch, capsys):

@@ -4,7 +4,6 @@ finished runs never redone, interrupted ones resumed, the ablation plan, where i
 import subprocess
 
 import pytest
-import torch
 
 import bench.lr_sweep as lr_sweep
 from bench import experiments
@@ -17,13 +16,7 @@ TINY = TrainConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, 
 GRID = dict(seed=1, lrs=[1e-3, 3e-3], weight_decays=[0.1])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A tiny model trains fastest on one thread, most of all on a CPU other work shares."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
