@@ -135,7 +135,8 @@ def train_and_record(benchmark, record, device, profile, label, driver):
     """Train ``label``'s seeds (or collect them from the driver's workers) and record a row each."""
     run = RUNS[label]
     if profile not in run.profiles:
-        pytest.skip(f"runs in the {' and '.join(run.profiles)} profiles: use --profile full")
+        pytest.skip(f"in the {' and '.join(run.profiles)} "
+                    f"profile{'s' if len(run.profiles) > 1 else ''}: run with --profile full")
     trials = [t for t in driver.trials if t.run.name == label]
     finished = []
     benchmark.pedantic(lambda: finished.extend(driver.result(t) for t in trials),
