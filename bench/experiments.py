@@ -225,7 +225,7 @@ class Finished(NamedTuple):
     result: TrainResult
     torch_threads: int | None  # of the session that finished it; None: not recorded
     concurrent_runs: int | None  # runs that session trained at once, this one included
-    reused: bool  # its result came from an earlier session
+    reused: bool  # its result was read from its directory, not trained by this driver
 
 
 class Driver:
