@@ -4,6 +4,7 @@ gradients, state_dict round trips, non-contiguous params, loss going down."""
 from __future__ import annotations
 
 import copy
+import math
 import re
 
 import pytest
@@ -53,6 +54,8 @@ INVALID = [
     (AdamSN, dict(chunk_size=0), "Invalid chunk_size value: 0"),
     (Adafactor, dict(lr=-1e-2), "Invalid learning rate: -0.01"),
     (Adafactor, dict(beta2_decay=0.5), "Invalid beta2_decay value: 0.5"),
+    (Adafactor, dict(beta2_decay=-math.inf), "Invalid beta2_decay value: -inf"),
+    (Adafactor, dict(beta2_decay=math.nan), "Invalid beta2_decay value: nan"),
     (Adafactor, dict(eps=(-1e-30, 1e-3)), "Invalid epsilon1 (eps[0]) value: -1e-30"),
     (Adafactor, dict(eps=(1e-30, -1e-3)), "Invalid epsilon2 (eps[1]) value: -0.001"),
     (Adafactor, dict(d=0.5), "Invalid clipping threshold d value: 0.5"),

@@ -208,8 +208,8 @@ class _Step:
 def _check_hparams(group: dict) -> None:
     check_lr(group["lr"])
     tau = group["beta2_decay"]
-    if not (isinstance(tau, (int, float)) and tau <= 0.0):
-        raise ValueError(f"Invalid beta2_decay value: {tau} (must be <= 0)")
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau <= 0.0):
+        raise ValueError(f"Invalid beta2_decay value: {tau} (must be finite and <= 0)")
     eps = group["eps"]
     if not isinstance(eps, (tuple, list)) or len(eps) != 2:
         raise ValueError(f"Invalid eps: {eps!r} (must be a pair (eps1, eps2))")
