@@ -1,8 +1,10 @@
 """Options, fixtures and results files shared by the benchmark suites.
 
-Each suite is one module with a ``SUITE`` name. Its tests record rows through the
+Each suite is one module, named after its file (bench/test_kv_cache.py is ``kv_cache``).
+Its tests record rows, instances of the row dataclasses the module defines, through the
 ``record`` fixture; at the end of the session every suite whose tests all passed is
-written, atomically, to ``<results-dir>/<suite>.json``. An interrupted session (Ctrl-C)
+written, atomically, to ``<results-dir>/<suite>.json``. A change to a suite's row
+dataclasses raises its version in ``bench.results.SCHEMA_VERSIONS``. An interrupted session (Ctrl-C)
 writes nothing, so the previous files stay as they were.
 
 A run of the ``quick`` or ``default`` profile never replaces a published ``full`` file:
@@ -18,6 +20,7 @@ run names each file written and counts the skipped tests by reason.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 from pathlib import Path
@@ -189,15 +192,20 @@ def seeds(pytestconfig) -> list[int]:
 
 @pytest.fixture
 def record(request, benchmark):
-    """``record(**row)``: add a row to this module's suite and to the benchmark's extra_info.
+    """``record(row)``: add ``row``, an instance of one of the suite's row dataclasses, to
+    this module's suite and to the benchmark's extra_info; returns the row as written.
 
-    The benchmark's median and rounds are added once it has run (None when timing is off).
+    The benchmark's median and rounds are added once it has run (None when timing is off),
+    unless the row type has ``median_s`` and ``rounds`` fields of its own.
     """
     recorder: Recorder = request.config.memeff_recorder
     suite = suite_of(request.module.__file__)
     recorder.modules[suite] = request.module
 
-    def add(**row):
+    def add(row) -> dict:
+        if not dataclasses.is_dataclass(row) or isinstance(row, type):
+            raise TypeError(f"record takes a row dataclass instance, got {type(row).__name__}")
+        row = dataclasses.asdict(row)
         stats = getattr(benchmark, "stats", None)
         if stats is not None and "median_s" not in row:
             row["median_s"] = stats.stats.median

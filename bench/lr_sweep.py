@@ -20,6 +20,7 @@ base configuration). A full sweep takes hours on a 2-core CPU.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import json
 import sys
 from pathlib import Path
@@ -97,6 +98,33 @@ VARIANTS = {
                                               "no_decay": {"lr": 3e-3}}}, {}),
 }
 VARIANT_OF = "adamsn"
+
+
+@dataclass
+class GridRow:
+    """One trained grid point of the sweep."""
+    optimizer: str
+    learning_rate: float
+    weight_decay: float
+    optimizer_hparams: dict
+    seed: int
+    max_iters: int
+    git_commit: str | None  # the code that trained it (rows of a file come from many runs)
+    git_dirty: bool | None
+    final_train_loss: float
+    final_val_loss: float
+    final_val_loss_whole_split: float
+    evals: list[dict]
+    median_ms_per_iter: float | None
+    optimizer_state_bytes: int
+    torch_threads: int
+
+
+@dataclass
+class AblationRow(GridRow):
+    """One of AdamSN's ablations at the best point of its grid."""
+    variant: str
+    train_overrides: dict  # TrainConfig fields it changes
 
 
 def run_key(row: dict) -> str:
@@ -228,14 +256,15 @@ def _train_missing(plan: list[dict], rows: list[dict], out: Path, seed: int, bas
     with Driver(trials, workers, progress) as driver:
         for finished in driver.as_completed():
             result = finished.result
-            rows.append({**row_of[finished.trial.run.name], "git_commit": env["git_commit"],
-                         "git_dirty": env["git_dirty"],
-                         "final_train_loss": result.final_train_loss,
-                         "final_val_loss": result.final_val_loss,
-                         "final_val_loss_whole_split": result.final_val_loss_whole_split,
-                         "evals": result.evals, "median_ms_per_iter": result.median_ms_per_iter,
-                         "optimizer_state_bytes": result.optimizer_state_bytes,
-                         "torch_threads": finished.torch_threads})
+            planned = row_of[finished.trial.run.name]
+            row_type = AblationRow if "variant" in planned else GridRow
+            rows.append(dataclasses.asdict(row_type(
+                **planned, git_commit=env["git_commit"], git_dirty=env["git_dirty"],
+                final_train_loss=result.final_train_loss, final_val_loss=result.final_val_loss,
+                final_val_loss_whole_split=result.final_val_loss_whole_split,
+                evals=result.evals, median_ms_per_iter=result.median_ms_per_iter,
+                optimizer_state_bytes=result.optimizer_state_bytes,
+                torch_threads=finished.torch_threads)))
             document = results_document("lr_sweep", "full", env, [seed], config, rows)
             document["summary"] = summary(rows)
             write_json(out, document)

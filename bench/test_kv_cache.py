@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -67,6 +68,59 @@ MODEL_SHAPES = {
     "llama-2-70b (GQA 64/8)": dict(n_layer=80, n_head=64, n_kv_head=8, head_dim=128),
     "falcon-7b (MQA 71/1)": dict(n_layer=32, n_head=71, n_kv_head=1, head_dim=64),
 }
+
+
+@dataclass
+class DecodeRow:
+    """One decode step through every layer's cache, with one attention implementation."""
+    attention: str  # "folded" or "sdpa_gqa"
+    n_head: int
+    n_kv_head: int
+    seq_len: int
+    dtype: str
+    head_dim: int
+    batch_size: int
+    n_layer: int  # layers decoded: the cache's depth
+    layer_bytes: int  # K and V of one layer
+    analytic_bytes: int  # the whole cache, from the formula
+    live_bytes: int  # the whole cache, from its tensors
+    allocator_bytes: int | None  # the CUDA allocator's growth; None on a CPU
+    llc_bytes: int
+    llc_source: str
+    llc_multiple: float  # cache bytes / last-level cache bytes
+    flush_bytes: int  # the buffer updated before each timed step
+    bytes_read_per_token: int
+    time_per_token_s: float  # interleaved median of one step over every layer
+    time_per_layer_s: float
+    gb_per_s: float
+    interleaved_rounds: int
+    load_average_1m: float | None
+    sdpa_backend: str
+
+
+@dataclass
+class PrefillRow:
+    n_head: int
+    n_kv_head: int
+    seq_len: int
+    dtype: str
+    head_dim: int
+    sdpa_backend: str
+
+
+@dataclass
+class ModelShapeRow:
+    """A published model's K/V bytes per token, from the formula."""
+    model: str
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    dtype: str
+    bytes_per_token: int
+    mha_bytes_per_token: int
+    fraction_of_mha: float
+    gib_per_32k_context: float
 
 
 def suite_config(profile: str) -> dict:
@@ -208,15 +262,16 @@ def test_decode(benchmark, record, device, decode_model, attention):
     else:
         backend = sdpa_backend(q, k, v, enable_gqa=group > 1)
     seconds = m.medians[attention]
-    record(attention=attention, n_head=config.n_head, n_kv_head=config.n_kv_head,
-           seq_len=m.seq_len, dtype=str(m.dtype), head_dim=HEAD_DIM, batch_size=BATCH_SIZE,
-           n_layer=config.n_layer, layer_bytes=m.layer_bytes, analytic_bytes=m.analytic,
-           live_bytes=m.live, allocator_bytes=m.allocated, llc_bytes=m.llc_bytes,
-           llc_source=m.llc_source, llc_multiple=m.analytic / m.llc_bytes,
-           flush_bytes=m.flush_bytes, bytes_read_per_token=m.analytic,
-           time_per_token_s=seconds, time_per_layer_s=seconds / config.n_layer,
-           gb_per_s=m.analytic / seconds / 1e9, interleaved_rounds=DECODE_ROUNDS,
-           load_average_1m=m.load_average, sdpa_backend=backend)
+    record(DecodeRow(
+        attention=attention, n_head=config.n_head, n_kv_head=config.n_kv_head,
+        seq_len=m.seq_len, dtype=str(m.dtype), head_dim=HEAD_DIM, batch_size=BATCH_SIZE,
+        n_layer=config.n_layer, layer_bytes=m.layer_bytes, analytic_bytes=m.analytic,
+        live_bytes=m.live, allocator_bytes=m.allocated, llc_bytes=m.llc_bytes,
+        llc_source=m.llc_source, llc_multiple=m.analytic / m.llc_bytes,
+        flush_bytes=m.flush_bytes, bytes_read_per_token=m.analytic,
+        time_per_token_s=seconds, time_per_layer_s=seconds / config.n_layer,
+        gb_per_s=m.analytic / seconds / 1e9, interleaved_rounds=DECODE_ROUNDS,
+        load_average_1m=m.load_average, sdpa_backend=backend))
 
 
 # ---- prefill --------------------------------------------------------------------------
@@ -250,8 +305,9 @@ def test_prefill(benchmark, record, device, profile, n_head, divisor, seq_len, d
     gqa = n_kv_head != n_head
     benchmark.pedantic(synchronized(lambda: grouped_attention(q, k, v), device),
                        rounds=3, warmup_rounds=1)
-    record(n_head=n_head, n_kv_head=n_kv_head, seq_len=seq_len, dtype=str(dtype),
-           head_dim=HEAD_DIM, sdpa_backend=sdpa_backend(q, k, v, is_causal=True, enable_gqa=gqa))
+    record(PrefillRow(n_head=n_head, n_kv_head=n_kv_head, seq_len=seq_len, dtype=str(dtype),
+                      head_dim=HEAD_DIM,
+                      sdpa_backend=sdpa_backend(q, k, v, is_causal=True, enable_gqa=gqa)))
 
 
 # ---- published shapes -----------------------------------------------------------------
@@ -264,10 +320,10 @@ def test_model_shape_bytes_per_token(benchmark, record, model):
     # analytic only: the timed call is the formula itself
     per_token = benchmark(kv_cache_bytes, shape, 1, 1, torch.bfloat16)
     mha_per_token = kv_cache_bytes(mha, 1, 1, torch.bfloat16)
-    record(model=model, **MODEL_SHAPES[model], dtype="torch.bfloat16",
-           bytes_per_token=per_token, mha_bytes_per_token=mha_per_token,
-           fraction_of_mha=per_token / mha_per_token,
-           gib_per_32k_context=per_token * 32768 / 2**30)
+    record(ModelShapeRow(model=model, **MODEL_SHAPES[model], dtype="torch.bfloat16",
+                         bytes_per_token=per_token, mha_bytes_per_token=mha_per_token,
+                         fraction_of_mha=per_token / mha_per_token,
+                         gib_per_32k_context=per_token * 32768 / 2**30))
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -12,6 +12,7 @@ whatever its shape); ``step`` tensors are counted. bfloat16 parameters run on CU
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -35,6 +36,26 @@ CUDA_ONLY_DTYPES = (torch.bfloat16,)  # bfloat16 weights are trained on GPUs, no
 SUBSET_SIZES = (1, 16, 256, 4096, "auto")
 SUBSET_SHAPES = ((768, 3072), (4096, 4096))
 LR = 1e-3
+
+
+@dataclass
+class StateRow:
+    """One optimizer's state over one parameter, counted three ways."""
+    shape: list[int]
+    numel: int
+    optimizer: str
+    dtype: str
+    analytic_bytes: int  # expected_state_bytes: the formula
+    live_bytes: int  # state_bytes: the tensors
+    allocator_bytes_after_first_step: int | None  # the CUDA allocator; None on a CPU
+    adamw_bytes: int  # fused AdamW's state over the same parameter
+    ratio_to_adamw: float
+
+
+@dataclass
+class SubsetStateRow(StateRow):
+    """AdamSN's state at one subset size."""
+    subset_size: int | str
 
 
 def suite_config(profile: str) -> dict:
@@ -74,10 +95,11 @@ def measure(benchmark, record, device, shape, name, dtype=torch.float32, **hpara
                                       f"bytes over the first step; the state's blocks are {charged}")
     rounds = max(3, min(50, int(2e8 // param.numel())))  # bounded time on large shapes
     benchmark.pedantic(synchronized(optimizer.step, device), rounds=rounds, warmup_rounds=1)
-    return record(shape=list(shape), numel=param.numel(), optimizer=name, dtype=str(dtype),
-                  **hparams, analytic_bytes=analytic, live_bytes=live,
-                  allocator_bytes_after_first_step=allocated, adamw_bytes=adamw_bytes,
-                  ratio_to_adamw=live / adamw_bytes)
+    row_type = SubsetStateRow if hparams else StateRow
+    return record(row_type(shape=list(shape), numel=param.numel(), optimizer=name,
+                           dtype=str(dtype), analytic_bytes=analytic, live_bytes=live,
+                           allocator_bytes_after_first_step=allocated, adamw_bytes=adamw_bytes,
+                           ratio_to_adamw=live / adamw_bytes, **hparams))
 
 
 @pytest.mark.benchmark(group="optimizer state")

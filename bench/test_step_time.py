@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from dataclasses import dataclass
 from typing import Iterator
 
 import pytest
@@ -75,6 +76,46 @@ PER_ELEMENT_ACCESSES = {"adamsn": 7, "adamsnsm": 7, "adafactor": 8, "torch_adafa
                         "torch_adafactor_foreach": 8}
 BATCH_SIZE, BLOCK = 12, 64
 KV_HEADS = (4, 2, 1)
+
+
+@dataclass
+class StepRow:
+    """One optimizer's whole-model step, timed in a pair with fused AdamW."""
+    model: str
+    optimizer: str
+    n_params: int
+    interleaved_with: list[str]  # what was timed in turn with it
+    interleaved_rounds: int
+    interleaved_median_s: float
+    adamw_median_s: float  # fused AdamW's median in the same pair
+    ratio_to_adamw: float
+    ratio_to_adamw_foreach: float
+    inplace_add_s: float
+    bandwidth_bytes_per_s: float
+    floor_bytes: int  # what the step must move
+    fraction_of_floor: float  # floor time / measured time
+    step_peak_bytes: int
+    step_peak_method: str
+    kernels: str  # which code stepped it: bench.common.observe_kernels
+    compiled_fraction: float | None
+    kernels_error: str | None
+    cpu_capability: str
+
+
+@dataclass
+class IterationRow:
+    """One training iteration of the baby model."""
+    model: str
+    optimizer: str
+    n_kv_head: int
+    batch_size: int
+    block_size: int
+    iteration_peak_bytes: int
+    iteration_peak_method: str
+    kernels: str
+    compiled_fraction: float | None
+    kernels_error: str | None
+    cpu_capability: str
 
 
 def suite_config(profile: str) -> dict:
@@ -176,14 +217,15 @@ def test_step_time(benchmark, record, device, timed_model, name):
         del optimizer  # the block frees the pair only when nothing else holds it
     medians, bandwidth = pair["medians"], pair["bandwidth"]
     ratio = medians[name] / medians[BASELINE]
-    record(model=timed_model["name"], optimizer=name, n_params=timed_model["n_params"],
-           interleaved_with=list(medians), interleaved_rounds=timed_model["rounds"],
-           interleaved_median_s=medians[name], adamw_median_s=medians[BASELINE],
-           ratio_to_adamw=ratio, ratio_to_adamw_foreach=ratio / foreach_ratio,
-           inplace_add_s=medians["inplace_add"], bandwidth_bytes_per_s=bandwidth,
-           floor_bytes=floor, fraction_of_floor=floor / bandwidth / medians[name],
-           step_peak_bytes=peak, step_peak_method=peak_method, **pair["paths"][name],
-           cpu_capability=torch.backends.cpu.get_cpu_capability())
+    record(StepRow(
+        model=timed_model["name"], optimizer=name, n_params=timed_model["n_params"],
+        interleaved_with=list(medians), interleaved_rounds=timed_model["rounds"],
+        interleaved_median_s=medians[name], adamw_median_s=medians[BASELINE],
+        ratio_to_adamw=ratio, ratio_to_adamw_foreach=ratio / foreach_ratio,
+        inplace_add_s=medians["inplace_add"], bandwidth_bytes_per_s=bandwidth,
+        floor_bytes=floor, fraction_of_floor=floor / bandwidth / medians[name],
+        step_peak_bytes=peak, step_peak_method=peak_method, **pair["paths"][name],
+        cpu_capability=torch.backends.cpu.get_cpu_capability()))
 
 
 @pytest.mark.benchmark(group="train iteration (baby)")
@@ -209,9 +251,10 @@ def test_train_iteration(benchmark, record, device, profile, name, n_kv_head):
     path = observe_kernels(optimizer, iteration, device)  # creates the optimizer state
     peak, peak_method = peak_allocated_bytes(iteration, device)
     benchmark(synchronized(iteration, device))
-    record(model="baby", optimizer=name, n_kv_head=n_kv_head, batch_size=BATCH_SIZE,
-           block_size=BLOCK, iteration_peak_bytes=peak, iteration_peak_method=peak_method,
-           **path, cpu_capability=torch.backends.cpu.get_cpu_capability())
+    record(IterationRow(model="baby", optimizer=name, n_kv_head=n_kv_head,
+                        batch_size=BATCH_SIZE, block_size=BLOCK, iteration_peak_bytes=peak,
+                        iteration_peak_method=peak_method, **path,
+                        cpu_capability=torch.backends.cpu.get_cpu_capability()))
 
 
 SUMMARY_KEYS = ("ratio_to_adamw", "ratio_to_adamw_foreach", "fraction_of_floor",

@@ -10,6 +10,7 @@ spread (max - min) over seeds.
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -145,19 +146,49 @@ def train_and_record(benchmark, record, device, profile, label, driver):
     for trial, (_, result, threads, concurrent_runs, _) in zip(trials, finished):
         assert result.final_val_loss < result.evals[0]["val_loss"], "training did not learn"
         config = result.config
-        record(label=label, optimizer=run.optimizer, n_head=config["n_head"],
-               n_kv_head=config["n_kv_head"] or config["n_head"], dataset=config["dataset"],
-               seed=trial.seed, max_iters=config["max_iters"],
-               warmup_iters=config["warmup_iters"],
-               learning_rate=config["learning_rate"], weight_decay=config["weight_decay"],
-               optimizer_hparams=config["optimizer_hparams"], evals=result.evals,
-               final_train_loss=result.final_train_loss, final_val_loss=result.final_val_loss,
-               final_val_loss_whole_split=result.final_val_loss_whole_split,
-               median_ms_per_iter=result.median_ms_per_iter, tokens_per_s=result.tokens_per_s,
-               optimizer_state_bytes=result.optimizer_state_bytes, n_params=result.n_params,
-               concurrent_runs=concurrent_runs, torch_threads=threads,
-               iters_timed=result.iters_run,
-               sample=sample if trial is trials[0] else None, median_s=None, rounds=None)
+        record(TrainingRow(
+            label=label, optimizer=run.optimizer, n_head=config["n_head"],
+            n_kv_head=config["n_kv_head"] or config["n_head"], dataset=config["dataset"],
+            seed=trial.seed, max_iters=config["max_iters"], warmup_iters=config["warmup_iters"],
+            learning_rate=config["learning_rate"], weight_decay=config["weight_decay"],
+            optimizer_hparams=config["optimizer_hparams"], evals=result.evals,
+            final_train_loss=result.final_train_loss, final_val_loss=result.final_val_loss,
+            final_val_loss_whole_split=result.final_val_loss_whole_split,
+            median_ms_per_iter=result.median_ms_per_iter, tokens_per_s=result.tokens_per_s,
+            optimizer_state_bytes=result.optimizer_state_bytes, n_params=result.n_params,
+            concurrent_runs=concurrent_runs, torch_threads=threads,
+            iters_timed=result.iters_run, sample=sample if trial is trials[0] else None))
+
+
+@dataclass
+class TrainingRow:
+    """One seed of one run: its losses, speed and optimizer memory."""
+    label: str
+    optimizer: str
+    n_head: int
+    n_kv_head: int
+    dataset: str
+    seed: int
+    max_iters: int
+    warmup_iters: int
+    learning_rate: float
+    weight_decay: float
+    optimizer_hparams: dict
+    evals: list[dict]  # {"iter", "train_loss", "val_loss"} per evaluation
+    final_train_loss: float
+    final_val_loss: float
+    final_val_loss_whole_split: float
+    median_ms_per_iter: float | None
+    tokens_per_s: float | None
+    optimizer_state_bytes: int
+    n_params: int
+    concurrent_runs: int
+    torch_threads: int
+    iters_timed: int
+    sample: str | None  # the first seed's text from its final checkpoint
+    # a run is timed by its own iterations, not by pytest-benchmark's round
+    median_s: None = None
+    rounds: None = None
 
 
 def spread(values: list[float]) -> dict:

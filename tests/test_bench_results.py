@@ -93,7 +93,13 @@ def test_interrupted_worker_pool_stops_its_runs_at_once():
 
 
 FAKE_SUITE = '''
+import dataclasses
+
 import pytest
+
+@dataclasses.dataclass
+class Row:
+    value: int
 
 def suite_config(profile):
     return {{}}
@@ -101,7 +107,7 @@ def suite_config(profile):
 def test_recorded(record, benchmark):
     benchmark(lambda: None)
     {allocate}
-    record(value=1)
+    record(Row(value=1))
 
 @pytest.mark.parametrize("i", range(3))
 def test_skipped_by_profile(benchmark, i):
