@@ -33,16 +33,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 from bench.results import is_current, read_results
 from memeff import cli
-from memeff.optim.registry import BASELINE, OPTIMIZER_NAMES, REGISTRY, spec
+from memeff.optim.registry import BASELINE, OPTIMIZER_NAMES, REGISTRY, label, spec
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = ("kv_cache", "optimizer_state", "step_time", "training", "training_bpe", "lr_sweep")
 COMPARED_PROFILES = ("default", "quick")  # the user's own runs, for --compare
 MARKER = re.compile(r"<!-- results:([\w-]+) -->.*?<!-- /results:\1 -->", re.DOTALL)
-
-
-def label(name: str) -> str:
-    return spec(name).label
 
 
 def run_command(suite: str) -> str:
