@@ -52,6 +52,10 @@ INVALID = [
     (AdamSN, dict(rank=4, gap=0), "Invalid gap value: 0"),
     (AdamSN, dict(gap=-1), "Invalid gap value: -1"),
     (AdamSN, dict(chunk_size=0), "Invalid chunk_size value: 0"),
+    (AdamSN, dict(lr=torch.tensor(1e-3)), "a Tensor lr is not supported, got tensor(0.0010); pass a float"),
+    (AdamSN, dict(maximize=1), "Invalid maximize value: 1"),
+    (Adafactor, dict(lr=torch.tensor(1e-2)), "a Tensor lr is not supported, got tensor(0.0100); pass a float"),
+    (Adafactor, dict(maximize="yes"), "Invalid maximize value: 'yes'"),
     (Adafactor, dict(lr=-1e-2), "Invalid learning rate: -0.01"),
     (Adafactor, dict(beta2_decay=0.5), "Invalid beta2_decay value: 0.5"),
     (Adafactor, dict(beta2_decay=-math.inf), "Invalid beta2_decay value: -inf"),
@@ -129,6 +133,57 @@ def test_state_dict_round_trip_continues_bit_identically(name, dtype):
         opt.step()
     for a, b in zip(uninterrupted, resumed):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_state_dict_with_plain_number_steps_loads_and_continues_identically(name):
+    """torch.optim's optimizers load ``step`` saved as a plain number; so do ours."""
+    params = _params()
+    opt = OPTIMIZERS[name](params)
+    for step in range(3):
+        _set_grads(params, step)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    for state in saved["state"].values():
+        state["step"] = int(state["step"].item())
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed_opt = OPTIMIZERS[name](resumed)
+    resumed_opt.load_state_dict(saved)
+    for step in range(3, 6):
+        for ps, o in ((params, opt), (resumed, resumed_opt)):
+            _set_grads(ps, step)
+            o.step()
+    for a, b in zip(params, resumed):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_maximize_steps_as_minimizing_the_negated_gradient(name):
+    ascending, descending = _params(), _params()
+    opt_up = OPTIMIZERS[name]([{"params": ascending, "maximize": True}])
+    opt_down = OPTIMIZERS[name](descending)
+    for step in range(4):
+        _set_grads(ascending, step)
+        _set_grads(descending, step)
+        for p in descending:
+            p.grad.neg_()
+        opt_up.step()
+        opt_down.step()
+    for a, b in zip(ascending, descending):
+        assert torch.equal(a, b)
+
+
+def test_maximize_matches_torch_adamw():
+    ours, theirs = _params(torch.float64), _params(torch.float64)
+    opt_ours = AdamSN(ours, lr=1e-2, weight_decay=0.1, subset_norm=False, maximize=True)
+    opt_theirs = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, maximize=True)
+    for step in range(4):
+        _set_grads(ours, step)
+        _set_grads(theirs, step)
+        opt_ours.step()
+        opt_theirs.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

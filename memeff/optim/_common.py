@@ -22,7 +22,8 @@ BACKENDS = ("auto", "eager", "compiled")
 
 def check_lr(lr: float) -> None:
     if isinstance(lr, torch.Tensor):
-        raise ValueError(f"Invalid learning rate: a Tensor lr is not supported, got {lr!r}")
+        raise ValueError(f"Invalid learning rate: a Tensor lr is not supported, got {lr!r}; "
+                         f"pass a float (lr=float(lr))")
     if not (isinstance(lr, (int, float)) and lr >= 0.0 and math.isfinite(lr)):
         raise ValueError(f"Invalid learning rate: {lr}")
 
@@ -44,14 +45,20 @@ def check_positive_int(value, name: str, allow_none: bool = False) -> None:
         raise ValueError(f"Invalid {name} value: {value!r} (must be a positive integer)")
 
 
-def check_grad(optimizer_name: str, param: torch.Tensor) -> torch.Tensor:
-    """The param's gradient, refusing sparse and complex ones as torch.optim does."""
+def check_bool(value, name: str) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name} value: {value!r} (must be a bool)")
+
+
+def check_grad(optimizer_name: str, param: torch.Tensor, maximize: bool) -> torch.Tensor:
+    """The param's gradient (negated to maximize), refusing sparse and complex ones as
+    torch.optim does."""
     grad = param.grad
     if grad.is_sparse:
         raise RuntimeError(f"{optimizer_name} does not support sparse gradients")
     if torch.is_complex(param):
         raise RuntimeError(f"{optimizer_name} does not support complex parameters")
-    return grad
+    return -grad if maximize else grad
 
 
 def new_step_tensor() -> torch.Tensor:
@@ -108,6 +115,10 @@ def contiguous_work(param: torch.Tensor, grad: torch.Tensor):
 class ChunkedOptimizer(Optimizer):
     """The loop both optimizers share: lazy state, step counting, contiguous work copies.
 
+    Every group has ``maximize`` (torch.optim's flag: ascend the objective; the step then
+    works on a negated copy of each gradient). Parameters with no elements count their
+    steps and are otherwise left alone, as there is nothing to update.
+
     Subclasses define ``NAME``, ``check_hparams(group)`` (raising ValueError),
     ``init_state(param, group)`` (filling an empty state dict) and
     ``update(work, grad, state, group, t, scratch)`` (one step on contiguous tensors),
@@ -153,6 +164,16 @@ class ChunkedOptimizer(Optimizer):
         super().add_param_group(param_group)
         self.check_hparams(self.param_groups[-1])
 
+    def __setstate__(self, state: dict) -> None:
+        """As torch.optim's optimizers: accept state dicts with a plain-number ``step`` and
+        groups saved before ``maximize`` existed."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+        for param_state in self.state.values():
+            if "step" in param_state and not torch.is_tensor(param_state["step"]):
+                param_state["step"] = torch.tensor(float(param_state["step"]), dtype=torch.float32)
+
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step.
@@ -170,12 +191,14 @@ class ChunkedOptimizer(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = check_grad(self.NAME, p)
+                grad = check_grad(self.NAME, p, group["maximize"])
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = new_step_tensor()
                     self.init_state(p, group, state)
                 state["step"] += 1
+                if p.numel() == 0:
+                    continue
                 work, grad = contiguous_work(p, grad)
                 self.update(work, grad, state, group, state["step"].item(), scratch)
                 if work is not p:

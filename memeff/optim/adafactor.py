@@ -12,6 +12,7 @@ from memeff.optim._common import (
     ChunkedOptimizer,
     Scratch,
     check_beta,
+    check_bool,
     check_lr,
     check_nonnegative,
     chunks,
@@ -76,6 +77,8 @@ class Adafactor(ChunkedOptimizer):
             tensor of the group (default: True)
         relative_step (bool, optional): False uses :math:`\rho_t = \gamma` (default: True)
         scale_parameter (bool, optional): False uses :math:`\alpha_t = \rho_t` (default: True)
+        maximize (bool, optional): maximize the objective instead of minimizing it
+            (default: False)
         chunk_size (int, optional): elements per chunk of the eager loop (default: 2**20)
         backend (str, optional): ``"auto"`` steps float32 and float64 CPU parameters
             with compiled C++ kernels, built at first use (see
@@ -85,7 +88,7 @@ class Adafactor(ChunkedOptimizer):
             RuntimeError if the kernels cannot be built (default: "auto")
 
     State per parameter: ``step`` (float32 scalar); for a factored tensor of shape
-    (..., n, m), ``row_var`` (..., n, 1) and ``col_var`` (..., 1, m); otherwise
+    (..., n, m) with elements, ``row_var`` (..., n, 1) and ``col_var`` (..., 1, m); otherwise
     ``variance`` of the param's shape; with ``beta1``, ``exp_avg`` of the param's shape and
     dtype. Statistics are float32 (float64 for float64 params), also for bfloat16 and
     float16 params. An (n, m) float32 weight without ``beta1`` holds n + m numbers
@@ -131,10 +134,11 @@ class Adafactor(ChunkedOptimizer):
                  eps: tuple[float, float] = (1e-30, 1e-3), d: float = 1.0,
                  weight_decay: float = 0.0, *, beta1: float | None = None,
                  factored: bool = True, relative_step: bool = True, scale_parameter: bool = True,
+                 maximize: bool = False,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto"):
         defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay,
                         beta1=beta1, factored=factored, relative_step=relative_step,
-                        scale_parameter=scale_parameter)
+                        scale_parameter=scale_parameter, maximize=maximize)
         super().__init__(params, defaults, chunk_size, backend)
 
     @staticmethod
@@ -158,7 +162,7 @@ class Adafactor(ChunkedOptimizer):
 
     def init_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
         stat = statistics_dtype(p.dtype)
-        if group["factored"] and p.dim() >= 2:
+        if group["factored"] and p.dim() >= 2 and p.numel() > 0:
             state["row_var"] = torch.zeros(*p.shape[:-1], 1, dtype=stat, device=p.device)
             state["col_var"] = torch.zeros(*p.shape[:-2], 1, p.shape[-1], dtype=stat, device=p.device)
         else:
@@ -221,9 +225,8 @@ def _check_hparams(group: dict) -> None:
     check_nonnegative(group["weight_decay"], "weight_decay")
     if group["beta1"] is not None:
         check_beta(group["beta1"], 0, name="beta1")
-    for flag in ("factored", "relative_step", "scale_parameter"):
-        if not isinstance(group[flag], bool):
-            raise ValueError(f"Invalid {flag} value: {group[flag]!r} (must be a bool)")
+    for flag in ("factored", "relative_step", "scale_parameter", "maximize"):
+        check_bool(group[flag], flag)
 
 
 def _squares(g_c: torch.Tensor, stat: torch.dtype, scratch: Scratch) -> torch.Tensor:

@@ -12,6 +12,7 @@ from memeff.optim._common import (
     ChunkedOptimizer,
     Scratch,
     check_beta,
+    check_bool,
     check_lr,
     check_nonnegative,
     check_positive_int,
@@ -136,6 +137,8 @@ class AdamSN(ChunkedOptimizer):
             parameter; None turns subspace momentum off. 1-D parameters always keep a
             full-size first moment (default: None)
         gap (int, optional): steps between projector refreshes (default: 200)
+        maximize (bool, optional): maximize the objective instead of minimizing it
+            (default: False)
         chunk_size (int, optional): elements per chunk of the eager loop (default: 2**20)
         backend (str, optional): ``"auto"`` steps float32 and float64 CPU parameters
             without subspace momentum whose subsets are rows, columns (``subset_size="auto"``)
@@ -187,9 +190,11 @@ class AdamSN(ChunkedOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, subset_size="auto",
                  subset_norm: bool = True, rank: int | None = None, gap: int = 200,
+                 maximize: bool = False,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        subset_size=subset_size, subset_norm=subset_norm, rank=rank, gap=gap)
+                        subset_size=subset_size, subset_norm=subset_norm, rank=rank, gap=gap,
+                        maximize=maximize)
         super().__init__(params, defaults, chunk_size, backend)
 
     @staticmethod
@@ -198,7 +203,7 @@ class AdamSN(ChunkedOptimizer):
 
     def init_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
         layout = subset_layout(p.shape, group["subset_size"], group["subset_norm"])
-        if group["rank"] is not None and p.dim() >= 2:
+        if group["rank"] is not None and p.dim() >= 2 and p.numel() > 0:
             n = p.size(0)
             m = p.numel() // n
             r = min(group["rank"], n, m)
@@ -254,8 +259,8 @@ def _check_hparams(group: dict) -> None:
     size = group["subset_size"]
     if size != "auto" and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
         raise ValueError(f"Invalid subset_size value: {size!r} (must be 'auto' or a positive integer)")
-    if not isinstance(group["subset_norm"], bool):
-        raise ValueError(f"Invalid subset_norm value: {group['subset_norm']!r} (must be a bool)")
+    check_bool(group["subset_norm"], "subset_norm")
+    check_bool(group["maximize"], "maximize")
     check_positive_int(group["rank"], "rank", allow_none=True)
     check_positive_int(group["gap"], "gap")
 
