@@ -11,6 +11,7 @@ import torch.nn as nn
 from memeff import GPT, GPTConfig
 from memeff.memory import expected_state_bytes, state_bytes
 from memeff.optim import REGISTRY, AdamSN, Adafactor, build_optimizer
+from memeff.optim.build import build_optimizer_for_tensors
 
 MAKERS = {
     "adamw": lambda ps: torch.optim.AdamW(ps),
@@ -100,6 +101,40 @@ def test_unknown_name_lists_valid_ones(model):
 def test_a_setting_the_optimizer_does_not_take_is_an_error(model, name, settings, refused):
     with pytest.raises(ValueError, match=f"{name} does not take {refused}; its settings are"):
         build_optimizer(name, model, **settings)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw_foreach"])
+def test_fused_and_foreach_together_are_an_error(model, name):
+    with pytest.raises(ValueError, match=f"{name} takes fused=True or foreach=True, not both"):
+        build_optimizer(name, model, fused=True, foreach=True)
+
+
+TORCH_ADAFACTOR_FAILS_ON_EMPTY = pytest.mark.xfail(
+    raises=ZeroDivisionError, strict=True,
+    reason="torch.optim.Adafactor divides by the param's numel for RMS(X)")
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=TORCH_ADAFACTOR_FAILS_ON_EMPTY if "torch_adafactor" in name else ())
+    for name in REGISTRY])
+def test_parameters_without_elements_step_and_count_state_exactly(name):
+    """Empty tensors get state of no elements and leave the other params' steps unchanged,
+    as torch's AdamW does."""
+    shapes = [(0, 5), (5, 0), (0,), (3, 0, 4)]
+    gen = torch.Generator().manual_seed(0)
+    weight, grad = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    alone = torch.nn.Parameter(weight.clone())
+    with_empty = [torch.nn.Parameter(weight.clone())] + [torch.nn.Parameter(torch.zeros(s))
+                                                         for s in shapes]
+    opts = [build_optimizer_for_tensors(name, ps, lr=1e-2)
+            for ps in ([alone], with_empty)]
+    for _ in range(3):
+        for opt, params in zip(opts, ([alone], with_empty)):
+            for p in params:
+                p.grad = grad.clone() if p.numel() else torch.zeros(p.shape)
+            opt.step()
+    assert torch.equal(alone, with_empty[0])
+    assert state_bytes(opts[1]) == expected_state_bytes(opts[1])
 
 
 def test_a_group_setting_the_optimizer_does_not_take_is_an_error(model):

@@ -113,6 +113,7 @@ class OptimizerSpec:
     # settings that apply to the matrix groups only, with their defaults
     matrix_settings: Mapping[str, Any] = field(default_factory=dict)
     refused: tuple[str, ...] = ()  # constructor arguments this name does not expose
+    exclusive: tuple[tuple[str, str], ...] = ()  # pairs of settings that cannot both be true
     # nanoGPT's baby config, tuned by the lr sweep: TrainConfig fields
     tuned: Mapping[str, Any] = field(default_factory=dict)
     trained: bool = True  # False: a second form of another optimizer, timed only
@@ -131,6 +132,10 @@ class OptimizerSpec:
         if unknown:
             raise ValueError(f"{self.name} does not take {', '.join(unknown)}; its settings are "
                              f"{', '.join(self.settings())}")
+        for a, b in self.exclusive:
+            if settings.get(a) and settings.get(b):
+                raise ValueError(f"{self.name} takes {a}=True or {b}=True, not both; "
+                                 f"drop one of them")
 
     def build(self, groups: list[dict], **settings) -> torch.optim.Optimizer:
         """The optimizer over ``groups``, dicts with ``params``, a ``kind`` from
@@ -161,7 +166,7 @@ SUBSPACE_GAP = 200
 SPECS: tuple[OptimizerSpec, ...] = (
     OptimizerSpec("adamw", "AdamW (torch, fused)", "adam", _class("torch.optim.AdamW"),
                   adamw_state_bytes, defaults={"fused": True},
-                  defaults_yield_to=("fused", "foreach"),
+                  defaults_yield_to=("fused", "foreach"), exclusive=(("fused", "foreach"),),
                   tuned={"learning_rate": 3e-3, "weight_decay": 0.1}),
     OptimizerSpec("adamsn", "AdamSN", "subset-norm", _class("memeff.optim.adamsn.AdamSN"),
                   adamsn_state_bytes, by_kind=_on_matrices("subset_norm"),
@@ -182,7 +187,8 @@ SPECS: tuple[OptimizerSpec, ...] = (
                   tuned={"learning_rate": 6e-2, "weight_decay": 0.0}),
     OptimizerSpec("adamw_foreach", "AdamW (torch, foreach)", "adam", _class("torch.optim.AdamW"),
                   adamw_state_bytes, defaults={"foreach": True},
-                  defaults_yield_to=("fused", "foreach"), trained=False),
+                  defaults_yield_to=("fused", "foreach"), exclusive=(("fused", "foreach"),),
+                  trained=False),
     OptimizerSpec("torch_adafactor_foreach", "Adafactor (torch, foreach)", "factored",
                   _class("torch.optim.Adafactor"), torch_adafactor_state_bytes,
                   defaults={"foreach": True}, defaults_yield_to=("foreach",), trained=False),
