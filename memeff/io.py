@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
+
+logger = logging.getLogger(__name__)
 
 
 def _new_file_mode() -> int:
@@ -53,12 +56,13 @@ LOCK_NAME = ".lock"
 
 
 @contextlib.contextmanager
-def directory_lock(directory: str | os.PathLike) -> Iterator[None]:
+def directory_lock(directory: str | os.PathLike, wait: bool = False) -> Iterator[None]:
     """Hold ``directory`` (created if missing) for this process for the block.
 
     A second holder fails at once with a ValueError naming the process that holds it, so
-    two runs never write into one directory. A directory that cannot be made or written
-    is a ValueError before any work starts. The lock ends with the process, however it ends.
+    two runs never write into one directory; with ``wait`` it waits for the holder instead,
+    saying so in the log. A directory that cannot be made or written is a ValueError
+    before any work starts. The lock ends with the process, however it ends.
     """
     directory = Path(directory)
     try:
@@ -72,8 +76,11 @@ def directory_lock(directory: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise ValueError(f"{directory} is in use by another run (process {holder}); wait "
-                             f"for it or choose another directory") from None
+            if not wait:
+                raise ValueError(f"{directory} is in use by another run (process {holder}); "
+                                 f"wait for it or choose another directory") from None
+            logger.info("waiting for process %s, which holds %s", holder, directory)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield

@@ -64,6 +64,35 @@ def test_a_held_directory_refuses_a_second_holder_naming_the_first(tmp_path):
         pass
 
 
+def test_a_waiting_holder_gets_the_directory_when_the_first_process_dies(tmp_path):
+    """With ``wait``, the second holder blocks until the first process ends (here killed)."""
+    import subprocess
+    import sys
+    import time
+
+    from memeff.io import LOCK_NAME, directory_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from memeff.io import directory_lock\n"
+        f"with directory_lock({str(tmp_path)!r}):\n"
+        "    print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=f"process {holder.pid}"):
+            with directory_lock(tmp_path):
+                pass
+        start = time.monotonic()
+        killer = subprocess.Popen(["sh", "-c", f"sleep 1; kill -9 {holder.pid}"])
+        with directory_lock(tmp_path, wait=True):
+            assert holder.wait(5) == -9
+            assert (tmp_path / LOCK_NAME).read_text().strip() == str(os.getpid())
+        assert time.monotonic() - start >= 0.9
+        killer.wait()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_directory_under_a_file_is_a_clear_error(tmp_path):
     from memeff.io import directory_lock
 

@@ -7,6 +7,7 @@ load them from torch's extension cache.
 from __future__ import annotations
 
 import copy
+import os
 import logging
 
 import pytest
@@ -282,3 +283,22 @@ def test_compiled_steps_advance_the_version_of_what_they_write(make, compiled_ke
     for (key, t), before in zip([("param", p), *opt.state[p].items()], versions):
         if key != "step":  # the step counter is a plain += (advanced anyway)
             assert t._version > before, key
+
+
+def test_a_lock_left_by_an_interrupted_build_does_not_hang_the_next_load(tmp_path):
+    """torch's build waits while its lock file exists; one left by a killed build is removed."""
+    import shutil
+    import subprocess
+    import sys
+
+    cached = kernels.build_directory()
+    root = tmp_path / "extensions"
+    copy_dir = root / cached.relative_to(cached.parent.parent)
+    shutil.copytree(cached, copy_dir)  # keeps mtimes: ninja finds the build up to date
+    (copy_dir / kernels.TORCH_BATON).write_text("")
+    result = subprocess.run(
+        [sys.executable, "-c", "from memeff.optim import kernels; kernels.load(required=True)"],
+        env={**os.environ, "TORCH_EXTENSIONS_DIR": str(root)},
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert not (copy_dir / kernels.TORCH_BATON).exists()

@@ -2,9 +2,14 @@
 
 The C++ source is built at first use (never at import) with
 ``torch.utils.cpp_extension.load``, which needs a C++ compiler and ninja and caches the
-build in torch's extension directory (``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``): the first build takes about a minute, later processes
-load the cached library in well under a second.
+build under torch's extension directory (``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``), in :func:`build_directory`: the first build takes about a
+minute, later processes load the cached library in well under a second.
+
+Processes that load at once (DDP ranks, bench workers) take turns on a lock that ends
+with its holder, however it ends. torch's own lock file in the build directory does
+not: one left by an interrupted build would make every later build wait on it forever,
+so the holder of ours removes it.
 
 ``load(required)`` returns the module, or None when it cannot be built: with
 ``required=False`` (the optimizers' ``backend="auto"``) the failure is logged once as a
@@ -16,12 +21,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-__all__ = ["COMPILED_DTYPES", "SOURCE", "NAME", "build_error", "load"]
+from memeff.io import directory_lock
+
+__all__ = ["COMPILED_DTYPES", "SOURCE", "NAME", "build_directory", "build_error", "load"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +60,17 @@ def _ldflags() -> list[str]:
 COMPILED_DTYPES = (torch.float32, torch.float64)  # others keep to the eager path
 
 
+TORCH_BATON = "lock"  # the file torch.utils.cpp_extension waits on while it exists
+
+
+def build_directory(name: str = NAME) -> Path:
+    """Where the kernels are built and cached: ``<extension root>/py<version>_cpu/<name>``."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    return Path(root) / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / name
+
+
 @functools.lru_cache(maxsize=None)
 def _build(source: str, name: str) -> tuple[ModuleType | None, str | None]:
     """``(module, None)``, or ``(None, why it failed)``; tried once per process and source.
@@ -62,9 +82,12 @@ def _build(source: str, name: str) -> tuple[ModuleType | None, str | None]:
     try:
         from torch.utils import cpp_extension
 
-        module = cpp_extension.load(name=name, sources=[source],
-                                    extra_cflags=_cflags(), extra_ldflags=_ldflags(),
-                                    verbose=False)
+        directory = build_directory(name)
+        with directory_lock(directory, wait=True):
+            (directory / TORCH_BATON).unlink(missing_ok=True)  # no live build holds it now
+            module = cpp_extension.load(name=name, sources=[source],
+                                        extra_cflags=_cflags(), extra_ldflags=_ldflags(),
+                                        build_directory=str(directory), verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed compile: all mean "eager"
         error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
         logger.warning("memeff: could not build the C++ optimizer kernels (%s); "
