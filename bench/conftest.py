@@ -5,7 +5,8 @@ Its tests record rows, instances of the row dataclasses the module defines, thro
 ``record`` fixture; at the end of the session every suite whose tests all passed is
 written, atomically, to ``<results-dir>/<suite>.json``. A change to a suite's row
 dataclasses raises its version in ``bench.results.SCHEMA_VERSIONS``. An interrupted session (Ctrl-C)
-writes nothing, so the previous files stay as they were.
+writes nothing, so the previous files stay as they were. A ``--results-dir`` or
+``--runs-dir`` that cannot be written or created stops the session before any test runs.
 
 A run of the ``quick`` or ``default`` profile never replaces a published ``full`` file:
 it writes ``<suite>.<profile>.json`` beside it instead, unless ``--overwrite-published``.
@@ -29,7 +30,8 @@ import pytest
 import torch
 
 from bench.common import peak_rss_bytes, use_shared_copies
-from bench.results import PROFILES, environment, read_results, results_document
+from bench.results import (PROFILES, check_writable_dir, environment, read_results,
+                           results_document)
 from memeff.io import write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -170,6 +172,15 @@ def pytest_configure(config):
     if config.getoption("--seeds") is not None and config.getoption("--seeds") <= 0:
         raise pytest.UsageError(f"--seeds must be positive, got {config.getoption('--seeds')}")
     config.memeff_device = resolve_device(config.getoption("--device"))
+    # checked now, not when the results are written after every test has run
+    for option, directory in (("--results-dir", results_dir(config)),
+                              ("--runs-dir", config.getoption("--runs-dir"))):
+        if directory is None:
+            continue
+        try:
+            check_writable_dir(directory, f"{option} {directory}")
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
     config.memeff_recorder = Recorder(config)
     config.pluginmanager.register(config.memeff_recorder, "memeff-recorder")
     use_shared_copies(REPO_ROOT.parent / "shared")
@@ -218,10 +229,13 @@ def record(request, benchmark):
     return add
 
 
+def results_dir(config) -> Path:
+    chosen = config.getoption("--results-dir")
+    return Path(chosen) if chosen else REPO_ROOT / "results" / config.memeff_device.type
+
+
 def results_path(config, suite: str, partial: bool = False) -> Path:
-    device = config.memeff_device
-    directory = config.getoption("--results-dir") or REPO_ROOT / "results" / device.type
-    path = Path(directory) / f"{suite}.json"
+    path = results_dir(config) / f"{suite}.json"
     profile = config.getoption("--profile")
     if profile == "full" and partial and not config.getoption("--overwrite-published"):
         return path.with_name(f"{suite}.partial.json")

@@ -150,6 +150,20 @@ def is_current(document: dict[str, Any]) -> bool:
     return document["schema_version"] == schema_version(document["suite"])
 
 
+def check_writable_dir(directory: str | os.PathLike, what: str) -> None:
+    """Raise ``ValueError`` naming ``what`` unless files can be written into ``directory``:
+    a writable directory, or a path where one can be made. Creates nothing."""
+    absolute = Path(directory).absolute()
+    existing = next(p for p in (absolute, *absolute.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        problem = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    else:
+        return
+    raise ValueError(f"{what}: {problem}; choose a directory that can be written or created")
+
+
 def read_results(path: str | os.PathLike) -> dict[str, Any]:
     """Load and validate a results file."""
     try:

@@ -192,3 +192,35 @@ def test_step_time_summary_has_the_keys_the_report_reads():
     assert summarize(rows) == {"baby": {"adamsn": {
         "ratio_to_adamw": 0.5, "ratio_to_adamw_foreach": 0.25, "fraction_of_floor": 0.4,
         "interleaved_median_s": 1e-3, "kernels": "compiled"}}}
+
+
+def a_file(tmp_path: Path) -> Path:
+    (tmp_path / "a_file").write_text("not a directory")
+    return tmp_path / "a_file"
+
+
+def under_a_file(tmp_path: Path) -> Path:
+    return a_file(tmp_path) / "results"
+
+
+def read_only(tmp_path: Path) -> Path:
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only directories: run as another user")
+    (tmp_path / "read_only").mkdir(mode=0o555)
+    return tmp_path / "read_only" / "results"
+
+
+@pytest.mark.parametrize("option", ["--results-dir", "--runs-dir"])
+@pytest.mark.parametrize("make", [a_file, under_a_file, read_only])
+def test_an_unwritable_output_dir_stops_the_bench_before_any_test(tmp_path, option, make):
+    bad = make(tmp_path)
+    dirs = {"--results-dir": tmp_path / "results", "--runs-dir": tmp_path / "runs", option: bad}
+    command = [sys.executable, "-m", "pytest", "bench/test_optimizer_state.py", "--benchmark-only",
+               "-k", "128x128 and adamw-float32", "-q", "-p", "no:cacheprovider",
+               *(str(part) for item in dirs.items() for part in item)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert f"{option} {bad}" in output and "Traceback" not in output
+    assert "passed" not in output  # no test ran
+    assert sorted(p.name for p in tmp_path.iterdir()) == [bad.relative_to(tmp_path).parts[0]]
