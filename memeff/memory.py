@@ -24,10 +24,14 @@ def kv_cache_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype) ->
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the storages behind ``tensors``, each storage counted once."""
+    """Bytes of the storages behind ``tensors``, each storage counted once; of a DTensor,
+    the part this process holds."""
+    from memeff.optim.sharding import local
+
     seen: set[tuple[torch.device, int]] = set()
     total = 0
     for t in tensors:
+        t = local(t)
         storage = t.untyped_storage()
         key = (t.device, storage.data_ptr())
         if key not in seen:
@@ -42,7 +46,8 @@ def cache_bytes(cache) -> int:
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Measured bytes of every tensor in ``optimizer.state`` (``step`` tensors included)."""
+    """Measured bytes of every tensor in ``optimizer.state`` (``step`` tensors included),
+    held by this process."""
     return tensor_bytes(
         value
         for param_state in optimizer.state.values()

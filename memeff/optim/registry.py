@@ -42,27 +42,44 @@ STEP_BYTES = 4  # memeff's optimizers keep ``step`` as a float32 scalar
 
 
 # ---- analytic state bytes, one function per layout: (group, param) -> bytes -------------
+# Per process: for a parameter sharded on dim 0 (FSDP2), the state this rank holds, i.e.
+# its rows of the state that follows the param's rows, plus what every rank holds whole.
+
+def _local_numel(p: torch.Tensor) -> int:
+    """Elements of ``p`` this rank holds."""
+    from memeff.optim.sharding import local
+
+    return local(p).numel()
+
 
 def adamw_state_bytes(group: dict, p: torch.Tensor) -> int:
     """``step`` + ``exp_avg`` + ``exp_avg_sq`` (+ ``max_exp_avg_sq`` with amsgrad)."""
     moments = 3 if group.get("amsgrad") else 2
-    return _torch_step_bytes() + moments * p.numel() * _itemsize(p.dtype)
+    return _torch_step_bytes() + moments * _local_numel(p) * _itemsize(p.dtype)
 
 
 def adamsn_state_bytes(group: dict, p: torch.Tensor) -> int:
     """``step`` + first moment (full, or rank-r momentum and projector) + one second-moment
     value per subset (see :class:`memeff.optim.AdamSN`)."""
-    from memeff.optim.adamsn import subset_count
+    from memeff.optim.adamsn import subset_layout
+    from memeff.optim.sharding import local_rows
 
-    numel = p.numel()
+    numel, local_numel = p.numel(), _local_numel(p)
     n = p.shape[0] if p.dim() >= 1 else 1
     if group["rank"] is not None and p.dim() >= 2 and numel:
         m = numel // n
         r = min(group["rank"], n, m)
-        first_moment = n * r + r * m  # momentum (n, r) + projector (r, m), or (r, m) + (n, r)
+        # (n, r) momentum + (r, m) projector, or (r, m) + (n, r): the n side is sharded
+        first_moment = local_rows(p) * r + r * m
     else:
-        first_moment = numel
-    subsets = subset_count(p.shape, group["subset_size"], group["subset_norm"])
+        first_moment = local_numel
+    layout = subset_layout(p.shape, group["subset_size"], group["subset_norm"])
+    if layout is None:
+        subsets = local_numel
+    elif layout[2]:  # one per column, held whole
+        subsets = layout[1]
+    else:  # subsets of layout[1] elements within the rows this rank holds
+        subsets = local_numel // layout[1]
     return STEP_BYTES + (first_moment + subsets) * _itemsize(p.dtype)
 
 
@@ -70,14 +87,18 @@ def adafactor_state_bytes(group: dict, p: torch.Tensor) -> int:
     """``step`` + row and column statistics of each (n, m) matrix (or a per-element one),
     in the statistics dtype, + ``exp_avg`` with ``beta1`` (see :class:`memeff.optim.Adafactor`)."""
     from memeff.optim.adafactor import statistics_dtype
+    from memeff.optim.sharding import local_rows
 
-    numel = p.numel()
+    numel, local_numel = p.numel(), _local_numel(p)
     stat = _itemsize(statistics_dtype(p.dtype))
-    if group["factored"] and p.dim() >= 2:
-        second = (numel // p.shape[-1] + numel // p.shape[-2]) * stat if numel else 0
+    if group["factored"] and p.dim() >= 2 and numel:
+        rows, cols = numel // p.shape[-1], numel // p.shape[-2]
+        # a 2-D weight's column statistic spans dim 0: every rank holds it whole
+        local_cols = cols if p.dim() == 2 else cols // p.shape[0] * local_rows(p)
+        second = (rows // p.shape[0] * local_rows(p) + local_cols) * stat
     else:
-        second = numel * stat
-    first = numel * _itemsize(p.dtype) if group["beta1"] is not None else 0
+        second = local_numel * stat
+    first = local_numel * _itemsize(p.dtype) if group["beta1"] is not None else 0
     return STEP_BYTES + second + first
 
 
