@@ -4,8 +4,10 @@ Reads ``results/<device>/<suite>.json`` (published files only, not ``<suite>.<pr
 and fills the blocks between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` in
 README.md (the headline) and results/README.md (every table), and draws the figures in
 ``plots/``. Everything is rendered in memory first and then moved into place, so a bad
-results file (schema, NaN or infinity) or a failing figure stops the run with the file and
-field named before anything is written, and plots and READMEs never disagree. The same
+results file (its schema; a field the report reads missing, of the wrong type or naming an
+unknown optimizer; NaN or infinity), an output directory it cannot write or a failing figure
+stops the run with the file and field (or the path) named before anything is written, and
+plots and READMEs never disagree. The same
 results give byte-identical output: fixed fonts, sizes and DPI, no date or software
 metadata in the PNGs.
 
@@ -23,6 +25,7 @@ import io
 import math
 import os
 import re
+import reprlib
 import stat
 import sys
 import tempfile
@@ -31,7 +34,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Sequence
 
-from bench.results import is_current, read_results
+from bench.results import check_writable_dir, is_current, read_results
 from memeff import cli
 from memeff.optim.registry import BASELINE, OPTIMIZER_NAMES, REGISTRY, label, spec
 
@@ -63,9 +66,126 @@ def check_finite(value: Any, source: str, where: str = "") -> None:
             check_finite(item, source, f"{where}[{i}]")
 
 
+Kind = tuple[str, Callable[[Any], bool]]  # (what a value should be, whether it is)
+NUMBER: Kind = ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+INTEGER: Kind = ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))
+TEXT: Kind = ("a string", lambda v: isinstance(v, str))
+OBJECT: Kind = ("an object", lambda v: isinstance(v, dict))
+LIST: Kind = ("a list", lambda v: isinstance(v, list))
+OPTIMIZER: Kind = (f"an optimizer name ({', '.join(REGISTRY)})",
+                   lambda v: isinstance(v, str) and v in REGISTRY)
+
+STATS = {"n": INTEGER, "mean": NUMBER, "min": NUMBER, "max": NUMBER, "spread": NUMBER}
+TRAINING_FIELDS = {
+    "config": {
+        "max_iters": INTEGER, "hparams": {"<optimizer>": OBJECT},
+        "runs": {"*": {"hparams": OBJECT}},
+        "base": {"optimizer": OPTIMIZER, "dataset": TEXT, "learning_rate": NUMBER,
+                 "weight_decay": NUMBER, "warmup_iters": INTEGER, "eval_iters": INTEGER,
+                 "n_layer": INTEGER, "n_head": INTEGER, "n_embd": INTEGER, "block_size": INTEGER,
+                 "batch_size": INTEGER, "max_iters": INTEGER, "grad_clip": NUMBER,
+                 "dropout": NUMBER, "beta1?": NUMBER, "beta2?": NUMBER},
+        "sample": {"prompt": TEXT, "max_new_tokens": INTEGER, "temperature": NUMBER,
+                   "top_k": INTEGER, "seed": INTEGER}},
+    "rows[]": {"label": TEXT, "optimizer": OPTIMIZER, "dataset": TEXT, "seed": INTEGER,
+               "n_head": INTEGER, "n_kv_head": INTEGER, "warmup_iters?": INTEGER,
+               "learning_rate": NUMBER, "weight_decay": NUMBER, "final_val_loss": NUMBER,
+               "final_val_loss_whole_split?": NUMBER, "median_ms_per_iter": NUMBER,
+               "sample?": TEXT, "evals[]": {"iter": INTEGER, "val_loss": NUMBER}},
+    "summary": {"*": {"optimizer_state_bytes": INTEGER, "final_train_loss": STATS,
+                      "final_val_loss": STATS, "final_val_loss_whole_split?": STATS}},
+}
+READ_FIELDS = {  # suite -> the fields the report reads from a file of its current rows
+    "training": TRAINING_FIELDS,
+    "training_bpe": TRAINING_FIELDS,
+    "optimizer_state": {
+        "rows[]": {"shape": LIST, "optimizer": OPTIMIZER, "dtype?": TEXT,
+                   "ratio_to_adamw": NUMBER, "live_bytes": INTEGER, "analytic_bytes": INTEGER}},
+    "step_time": {
+        "rows[]": {"optimizer": OPTIMIZER},
+        "summary": {"*": {"<optimizer>": {
+            "interleaved_median_s": NUMBER, "ratio_to_adamw": NUMBER,
+            "ratio_to_adamw_foreach": NUMBER, "fraction_of_floor": NUMBER}}}},
+    "kv_cache": {
+        "rows[]": {"test": TEXT},
+        "rows[test_decode]": {
+            "attention": TEXT, "dtype": TEXT, "n_head": INTEGER, "n_kv_head": INTEGER,
+            "seq_len": INTEGER, "n_layer": INTEGER, "bytes_read_per_token": NUMBER,
+            "time_per_layer_s": NUMBER, "gb_per_s": NUMBER, "llc_bytes": NUMBER,
+            "llc_source": TEXT},
+        "rows[test_model_shape]": {
+            "model": TEXT, "n_layer": INTEGER, "n_head": INTEGER, "n_kv_head": INTEGER,
+            "head_dim": INTEGER, "bytes_per_token": INTEGER, "fraction_of_mha": NUMBER,
+            "gib_per_32k_context": NUMBER},
+        "summary": {
+            "decode_ratio_to_mha[]": {"attention": TEXT, "dtype": TEXT, "n_head": INTEGER,
+                                      "n_kv_head": INTEGER, "seq_len": INTEGER,
+                                      "time_ratio_to_mha": NUMBER, "bytes_ratio_to_mha": NUMBER},
+            "decode_faster_attention_by_dtype?": {"*": OBJECT}}},
+    "lr_sweep": {
+        "config": {"max_iters": INTEGER, "base": {"eval_iters": INTEGER},
+                   "variant_of?": OPTIMIZER},
+        "rows[]": {"optimizer": OPTIMIZER, "learning_rate": NUMBER, "weight_decay": NUMBER,
+                   "final_val_loss": NUMBER, "final_val_loss_whole_split?": NUMBER,
+                   "variant?": TEXT, "git_commit?": TEXT},
+        "summary": {
+            "best": {"<optimizer>": {"learning_rate": NUMBER, "weight_decay": NUMBER,
+                                     "final_train_loss": NUMBER, "final_val_loss": NUMBER}},
+            "variants?": {"*": {"final_train_loss": NUMBER, "final_val_loss": NUMBER,
+                                "val_loss_change": NUMBER}}}},
+}
+
+
+def check_fields(value: Any, spec: dict | Kind, source: str, where: str = "") -> None:
+    """Raise ValueError naming ``source`` and the first field of ``value`` that is missing
+    or not of the kind ``spec`` gives it.
+
+    ``spec`` is a kind, or an object's fields by name: "name?" may be missing or null, "*"
+    is every field, "<optimizer>" every field, named after an optimizer, "name[]" every item
+    of a list and "name[prefix]" every item whose "test" starts with prefix.
+    """
+    if isinstance(spec, tuple):
+        description, ok = spec
+        if not ok(value):
+            raise ValueError(f"{source}: field {where or '(top level)'} is "
+                             f"{reprlib.repr(value)}, not {description}; rerun the suite that "
+                             "wrote it")
+        return
+    check_fields(value, OBJECT, source, where)
+    for key, inner in spec.items():
+        optional = key.endswith("?")
+        name, is_list, test = key.removesuffix("?").removesuffix("]").partition("[")
+        if name in ("*", "<optimizer>"):
+            fields = list(value.items())
+        elif name in value:
+            fields = [(name, value[name])]
+        elif optional:
+            continue
+        else:
+            raise ValueError(f"{source}: field {where + '.' if where else ''}{name} is missing; "
+                             "rerun the suite that wrote it")
+        for field, item in fields:
+            path = f"{where}.{field}" if where else field
+            if name == "<optimizer>":
+                check_fields(field, OPTIMIZER, source, path)
+            if item is None and optional:
+                continue
+            if is_list:
+                check_fields(item, LIST, source, path)
+                for i, element in enumerate(item):
+                    if not test or str(element.get("test", "")).startswith(test):
+                        check_fields(element, inner, source, f"{path}[{i}]")
+            else:
+                check_fields(item, inner, source, path)
+
+
 def read_checked(path: Path) -> dict:
+    """A results file, with the fields the report reads checked (a file of older rows is
+    only named as such, so only its schema is)."""
     document = read_results(path)
     check_finite(document, str(path))
+    if is_current(document):
+        check_fields(document, READ_FIELDS.get(document["suite"], {}), str(path))
     return document
 
 
@@ -1160,6 +1280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in (args.readme, args.results_readme):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: the report fills its marked blocks")
+    for option, path, directory in (
+            ("--plots-dir", args.plots_dir, args.plots_dir),
+            ("--readme", args.readme, args.readme.parent),
+            ("--results-readme", args.results_readme, args.results_readme.parent)):
+        check_writable_dir(directory, f"{option} {path}")  # before the figures take their time
     outputs, stale = render(results, args.results_dir, args.readme, args.results_readme,
                             args.plots_dir)
     removed = [p for p in stale if p.exists()]

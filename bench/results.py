@@ -170,5 +170,8 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); results "
+                         "files are UTF-8 JSON, rerun the suite that wrote it") from None
     validate_results(document, str(path))
     return document
