@@ -9,6 +9,7 @@ import torch
 from torch.optim import Optimizer
 
 from memeff.optim import kernels
+from memeff.optim.sharding import Shards, StateFactory, local, shards_of
 
 # Elements per chunk of the fused per-chunk loops: 4 MiB of float32, so one chunk of
 # each operand (param, grad, state, scratch) stays in a 32 MiB L3 cache between the
@@ -119,10 +120,17 @@ class ChunkedOptimizer(Optimizer):
     works on a negated copy of each gradient). Parameters with no elements count their
     steps and are otherwise left alone, as there is nothing to update.
 
+    Parameters may be DTensors sharded on dim 0 (FSDP2, see :mod:`memeff.optim.sharding`):
+    the update then runs on this rank's rows, and ``shards`` sums what spans dim 0.
+
     Subclasses define ``NAME``, ``check_hparams(group)`` (raising ValueError),
-    ``init_state(param, group)`` (filling an empty state dict) and
-    ``update(work, grad, state, group, t, scratch)`` (one step on contiguous tensors),
-    which may use ``compiled_kernels(work, grad)`` for a fused step.
+    ``init_state(param, group, state, new)`` (filling an empty state dict with tensors made
+    by ``new``, a :class:`~memeff.optim.sharding.StateFactory`) and
+    ``update(work, grad, state, group, t, scratch, shards)`` (one step on contiguous local
+    ``work`` and ``grad``; ``state`` as kept, DTensors for a sharded parameter, whose
+    ``local`` parts the update writes; ``shards`` is None for a plain parameter), which may use
+    ``compiled_kernels(work, grad)`` for a fused step; ``check_sharding(param, group,
+    shards)`` may refuse a sharded parameter at construction.
     """
 
     NAME = "optimizer"
@@ -139,6 +147,12 @@ class ChunkedOptimizer(Optimizer):
         if backend == "compiled":  # fail here, not in the middle of training
             kernels.load(required=True)
 
+    def _shards(self, param: torch.Tensor, group: dict) -> Shards | None:
+        shards = shards_of(param, self.NAME)
+        if shards is not None:
+            self.check_sharding(param, group, shards)
+        return shards
+
     def compiled_kernels(self, work: torch.Tensor, grad: torch.Tensor):
         """The compiled kernels if this step of ``work`` may use them, else None.
 
@@ -154,15 +168,22 @@ class ChunkedOptimizer(Optimizer):
     def check_hparams(group: dict) -> None:
         raise NotImplementedError
 
-    def init_state(self, param: torch.Tensor, group: dict, state: dict) -> None:
+    def check_sharding(self, param: torch.Tensor, group: dict, shards: Shards) -> None:
+        """Raise ValueError if this optimizer cannot step ``param`` exactly as sharded."""
+
+    def init_state(self, param: torch.Tensor, group: dict, state: dict, new: StateFactory) -> None:
         raise NotImplementedError
 
-    def update(self, work, grad, state: dict, group: dict, t: float, scratch: Scratch) -> None:
+    def update(self, work, grad, state: dict, group: dict, t: float, scratch: Scratch,
+               shards: Shards | None) -> None:
         raise NotImplementedError
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        self.check_hparams(self.param_groups[-1])
+        group = self.param_groups[-1]
+        self.check_hparams(group)
+        for p in group["params"]:  # a sharding this optimizer can't step fails here
+            self._shards(p, group)
 
     def __setstate__(self, state: dict) -> None:
         """As torch.optim's optimizers: accept state dicts with a plain-number ``step`` and
@@ -192,15 +213,17 @@ class ChunkedOptimizer(Optimizer):
                 if p.grad is None:
                     continue
                 grad = check_grad(self.NAME, p, group["maximize"])
+                shards = self._shards(p, group)
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = new_step_tensor()
-                    self.init_state(p, group, state)
+                    self.init_state(p, group, state, StateFactory(p, shards))
                 state["step"] += 1
-                if p.numel() == 0:
+                if p.numel() == 0:  # (every rank of a sharded param gets here alike)
                     continue
-                work, grad = contiguous_work(p, grad)
-                self.update(work, grad, state, group, state["step"].item(), scratch)
-                if work is not p:
-                    p.copy_(work)
+                param = local(p)
+                work, grad = contiguous_work(param, local(grad))
+                self.update(work, grad, state, group, state["step"].item(), scratch, shards)
+                if work is not param:
+                    param.copy_(work)
         return loss

@@ -17,6 +17,7 @@ from memeff.optim._common import (
     check_nonnegative,
     chunks,
 )
+from memeff.optim.sharding import Shards, StateFactory, local
 
 __all__ = ["Adafactor", "statistics_dtype"]
 
@@ -160,53 +161,70 @@ class Adafactor(ChunkedOptimizer):
                     self.state[p][key] = saved[index][key].to(
                         device=p.device, dtype=statistics_dtype(p.dtype), copy=True)
 
-    def init_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
+    def init_state(self, p: torch.Tensor, group: dict, state: dict, new: StateFactory) -> None:
         stat = statistics_dtype(p.dtype)
         if group["factored"] and p.dim() >= 2 and p.numel() > 0:
-            state["row_var"] = torch.zeros(*p.shape[:-1], 1, dtype=stat, device=p.device)
-            state["col_var"] = torch.zeros(*p.shape[:-2], 1, p.shape[-1], dtype=stat, device=p.device)
+            state["row_var"] = new.rows((*p.shape[:-1], 1), stat)
+            col_shape = (*p.shape[:-2], 1, p.shape[-1])
+            # a matrix's column statistic spans dim 0; a batch of matrices is split by matrix
+            state["col_var"] = new.whole(col_shape, stat) if p.dim() == 2 else new.rows(col_shape, stat)
         else:
-            state["variance"] = torch.zeros(p.shape, dtype=stat, device=p.device)
+            state["variance"] = new.rows(p.shape, stat)
         if group["beta1"] is not None:
-            state["exp_avg"] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+            state["exp_avg"] = new.rows(p.shape, p.dtype)
 
-    def update(self, work, grad, state: dict, group: dict, t: float, scratch: Scratch) -> None:
+    def update(self, work, grad, state: dict, group: dict, t: float, scratch: Scratch,
+               shards: Shards | None) -> None:
         eps1, eps2 = group["eps"]
         rho = min(group["lr"], 1 / math.sqrt(t)) if group["relative_step"] else group["lr"]
+        numel = work.numel() if shards is None else math.prod(work.shape[1:]) * shards.rows
         step = _Step(beta2_weight=t ** group["beta2_decay"], eps1=eps1, d=group["d"],
                      alpha=rho, decay=1 - group["lr"] * group["weight_decay"],
-                     beta1=group["beta1"])
-        compiled = self.compiled_kernels(work, grad)
+                     beta1=group["beta1"], numel=numel,
+                     eps2=eps2 if group["scale_parameter"] else None)
+        state = {key: local(value) for key, value in state.items()}
+        # a matrix split by rows needs its column statistics summed between the passes,
+        # which the kernels do not stop for
+        split_matrix = shards is not None and "row_var" in state and work.dim() == 2
+        compiled = None if split_matrix else self.compiled_kernels(work, grad)
         if compiled is not None and all(
                 value.dtype == work.dtype and value.is_contiguous()
                 for key, value in state.items() if key != "step"):
-            _compiled_update(compiled, work, grad, state, step, group, eps2)
+            _compiled_update(compiled, work, grad, state, step, shards)
             return
-        if group["scale_parameter"]:
-            norm = torch.linalg.vector_norm(work, dtype=statistics_dtype(work.dtype)).item()
-            step.alpha = _parameter_scale(norm, work.numel(), eps2) * rho
+        sum_param_squared = (torch.linalg.vector_norm(work, dtype=statistics_dtype(work.dtype))
+                             .square() if group["scale_parameter"] else work.new_zeros(()))
         if "row_var" in state:
-            _factored_update(work, grad, state, step, scratch)
+            _factored_update(work, grad, state, step, scratch, sum_param_squared,
+                             shards if split_matrix else None, shards)
         else:
-            _unfactored_update(work, grad, state, step, scratch)
-
-
-def _parameter_scale(norm: float, numel: int, eps2: float) -> float:
-    """max(eps2, RMS(X)) from the norm of X."""
-    return max(eps2, norm / math.sqrt(max(numel, 1)))
+            _unfactored_update(work, grad, state, step, scratch, sum_param_squared, shards)
 
 
 class _Step:
-    """The scalars of one parameter's step."""
+    """The scalars of one parameter's step; ``alpha`` and the clipping scale are final once
+    the step's sums are in (:meth:`finish`)."""
 
-    def __init__(self, *, beta2_weight, eps1, d, alpha, decay, beta1):
+    def __init__(self, *, beta2_weight, eps1, d, alpha, decay, beta1, numel, eps2):
         self.beta2_weight = beta2_weight  # 1 - beta2_t, the weight of the new statistics
         self.eps1, self.d, self.alpha, self.decay, self.beta1 = eps1, d, alpha, decay, beta1
+        self.numel = numel  # of the whole parameter
+        self.eps2 = eps2  # None: alpha is not scaled by RMS(X)
 
-    def clip_scale(self, sum_u_squared: float, numel: int) -> float:
-        """1 / max(1, RMS(U) / d)."""
-        rms = math.sqrt(sum_u_squared / max(numel, 1))
+    def finish(self, sum_u_squared: float, sum_param_squared: float) -> float:
+        """Scale ``alpha`` by max(eps2, RMS(X)) and return 1 / max(1, RMS(U) / d), from the
+        sums of U^2 and X^2 over the whole parameter."""
+        numel = max(self.numel, 1)
+        if self.eps2 is not None:
+            self.alpha *= max(self.eps2, math.sqrt(sum_param_squared / numel))
+        rms = math.sqrt(sum_u_squared / numel)
         return 1.0 / max(1.0, rms / self.d)
+
+
+def _summed(values: list, shards: Shards | None) -> list[float]:
+    """Sums over this rank's part of a parameter, completed over the ranks (one collective)."""
+    totals = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    return (totals if shards is None else shards.sum(totals)).tolist()
 
 
 def _check_hparams(group: dict) -> None:
@@ -257,12 +275,18 @@ def _apply(w_c, u, exp_avg_c, scale_rows, step: _Step, clip: float) -> None:
     w_c.add_(exp_avg_c, alpha=-step.alpha)
 
 
-def _factored_update(work, grad, state, step: _Step, scratch: Scratch) -> None:
+def _factored_update(work, grad, state, step: _Step, scratch: Scratch, sum_param_squared,
+                     split: Shards | None, shards: Shards | None) -> None:
+    """The factored step; ``split`` when this rank holds some rows of a single matrix, whose
+    column sums, mean(R) and the sum of X^2 are then completed over the ranks in one
+    collective; ``shards`` when it holds some matrices of a batch of them."""
     n, m = work.shape[-2:]
+    batch = math.prod(work.shape[:-2])
+    rows_in_matrix = n if split is None else split.rows
     stat = state["row_var"].dtype
-    ws, gs = work.view(-1, n, m), grad.view(-1, n, m)
-    rows, cols = state["row_var"].view(-1, n, 1), state["col_var"].view(-1, 1, m)
-    exp_avgs = state["exp_avg"].view(-1, n, m) if "exp_avg" in state else None
+    ws, gs = work.view(batch, n, m), grad.view(batch, n, m)
+    rows, cols = state["row_var"].view(batch, n, 1), state["col_var"].view(-1, 1, m)
+    exp_avgs = state["exp_avg"].view(batch, n, m) if "exp_avg" in state else None
     rows_per_chunk = scratch.chunk_size // m
     sum_u_squared = 0.0
     row_means = []
@@ -276,12 +300,20 @@ def _factored_update(work, grad, state, step: _Step, scratch: Scratch) -> None:
             weights = torch.ones(2, stop - start, dtype=stat, device=g.device)
             torch.reciprocal(r_c.view(-1), out=weights[1])
             col_sums.addmm_(weights, squares)  # (2, m)
-        col_var.lerp_(col_sums[0].div(n).add_(step.eps1), step.beta2_weight)
-        row_mean = row_var.mean()
+        if split is None:
+            row_mean = row_var.mean()
+        else:
+            totals = split.sum(torch.cat([col_sums.view(-1), row_var.sum().view(1),
+                                          sum_param_squared.to(stat).view(1)]))
+            col_sums, row_mean = totals[:2 * m].view(2, m), totals[2 * m] / rows_in_matrix
+            sum_param_squared = totals[2 * m + 1]
+        col_var.lerp_(col_sums[0].div(rows_in_matrix).add_(step.eps1), step.beta2_weight)
         # sum_ij G^2 / V_ij = mean(R) * sum_j (sum_i G_ij^2 / R_i) / C_j
         sum_u_squared += (row_mean * (col_sums[1] / col_var.view(-1)).sum()).item()
         row_means.append(row_mean)
-    clip = step.clip_scale(sum_u_squared, work.numel())
+    if split is None:
+        sum_u_squared, sum_param_squared = _summed([sum_u_squared, sum_param_squared], shards)
+    clip = step.finish(sum_u_squared, float(sum_param_squared))
     for b, (w, g, row_var, col_var) in enumerate(zip(ws, gs, rows, cols)):
         # pass 2: X <- X * decay - alpha * clip * G * sqrt(mean(R) / R_i) / sqrt(C_j)
         scale_cols = col_var.rsqrt()  # (1, m)
@@ -294,14 +326,14 @@ def _factored_update(work, grad, state, step: _Step, scratch: Scratch) -> None:
             _apply(w[start:stop], u, exp_avg_c, scale_rows, step, clip)
 
 
-def _compiled_update(compiled, work, grad, state, step: _Step, group: dict, eps2: float) -> None:
+def _compiled_update(compiled, work, grad, state, step: _Step, shards: Shards | None) -> None:
     """``_factored_update`` or ``_unfactored_update``, and the parameter scale, in the
-    compiled kernels' two passes.
+    compiled kernels' two passes (each matrix whole on this rank).
 
     Pass 1 reads G, and X for RMS(X_{t-1}) with ``scale_parameter``; pass 2 reads G and X
     and writes X.
     """
-    scale_parameter = group["scale_parameter"]
+    scale_parameter = step.eps2 is not None
     exp_avg = state.get("exp_avg")
     momentum = (exp_avg if exp_avg is not None else work, exp_avg is not None,
                 0.0 if step.beta1 is None else step.beta1)
@@ -317,16 +349,15 @@ def _compiled_update(compiled, work, grad, state, step: _Step, group: dict, eps2
         sum_u_squared, sum_param_squared = compiled.adafactor_unfactored_statistics(
             grad, work, *statistics, step.beta2_weight, step.eps1, scale_parameter)
         apply = compiled.adafactor_unfactored_apply
-    if scale_parameter:
-        step.alpha *= _parameter_scale(math.sqrt(sum_param_squared), work.numel(), eps2)
-    apply(work, grad, *statistics, *momentum, step.decay, step.alpha,
-          step.clip_scale(sum_u_squared, work.numel()))
+    clip = step.finish(*_summed([sum_u_squared, sum_param_squared], shards))
+    apply(work, grad, *statistics, *momentum, step.decay, step.alpha, clip)
     # the kernels write through pointers: count their writes as in-place ops would, so
     # that autograd's checks see them
     increment_version([work] + [t for key, t in state.items() if key != "step"])
 
 
-def _unfactored_update(work, grad, state, step: _Step, scratch: Scratch) -> None:
+def _unfactored_update(work, grad, state, step: _Step, scratch: Scratch, sum_param_squared,
+                       shards: Shards | None) -> None:
     w, g, variance = work.view(-1), grad.view(-1), state["variance"].view(-1)
     exp_avg = state["exp_avg"].view(-1) if "exp_avg" in state else None
     sum_u_squared = torch.zeros((), dtype=variance.dtype, device=variance.device)
@@ -335,7 +366,7 @@ def _unfactored_update(work, grad, state, step: _Step, scratch: Scratch) -> None
         v_c = variance[start:stop]
         v_c.lerp_(squares, step.beta2_weight).add_(step.beta2_weight * step.eps1)
         sum_u_squared += squares.div_(v_c).sum()  # G^2 / V
-    clip = step.clip_scale(sum_u_squared.item(), w.numel())
+    clip = step.finish(*_summed([sum_u_squared, sum_param_squared], shards))
     for start, stop in chunks(w.numel(), scratch.chunk_size):
         u = torch.rsqrt(variance[start:stop], out=scratch.get(stop - start, variance))
         u.mul_(g[start:stop])

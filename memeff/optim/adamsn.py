@@ -19,6 +19,7 @@ from memeff.optim._common import (
     chunks,
     largest_divisor_at_most,
 )
+from memeff.optim.sharding import Shards, StateFactory, local
 
 __all__ = ["AdamSN", "subset_count", "subset_layout"]
 
@@ -58,16 +59,25 @@ def _second_moment_shape(shape, layout) -> tuple[int, ...]:
     return (1, m) if along_columns else (n, 1)
 
 
-def _layout_of_state(param: torch.Tensor, exp_avg_sq: torch.Tensor):
-    """Recover the layout from the second moment's shape (robust to loaded state dicts)."""
-    if exp_avg_sq.shape == param.shape:
+def _layout_of_state(shape: torch.Size, exp_avg_sq_shape: torch.Size):
+    """The layout of a param of ``shape``, recovered from its second moment's shape (so it
+    follows a loaded state dict); the shapes of the whole param and state when sharded."""
+    if exp_avg_sq_shape == shape:
         return None
-    numel = param.numel()
-    if exp_avg_sq.dim() == 2 and exp_avg_sq.size(0) == 1 and exp_avg_sq.size(1) != 1:
-        m = exp_avg_sq.size(1)
-        return (numel // m, m, True)
-    n = exp_avg_sq.numel()
-    return (n, numel // n, False)
+    numel = math.prod(shape)
+    subsets = math.prod(exp_avg_sq_shape)
+    if (len(exp_avg_sq_shape) == 2 and exp_avg_sq_shape[0] == 1
+            and exp_avg_sq_shape[1] == numel // shape[0] != 1):
+        return (numel // subsets, subsets, True)
+    return (subsets, numel // subsets, False)
+
+
+def _local_layout(layout, local_numel: int):
+    """``layout`` applied to the ``local_numel`` elements of this rank's rows."""
+    if layout is None:
+        return None
+    _, m, along_columns = layout  # m: elements per row of the (n, m) view
+    return (local_numel // m, m, along_columns)
 
 
 def _projector_side(n: int, m: int) -> str:
@@ -201,29 +211,51 @@ class AdamSN(ChunkedOptimizer):
     def check_hparams(group: dict) -> None:
         _check_hparams(group)
 
-    def init_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
+    def check_sharding(self, p: torch.Tensor, group: dict, shards: Shards) -> None:
+        layout = subset_layout(p.shape, group["subset_size"], group["subset_norm"])
+        if layout is not None and not layout[2] and layout[0] % p.shape[0]:
+            row = p.numel() // p.shape[0]
+            raise ValueError(
+                f"subset_size={group['subset_size']} cuts a parameter of shape {tuple(p.shape)} "
+                f"into subsets of {layout[1]} elements, which cross its rows, and so the "
+                f"shards of its dim 0; sharded, a subset must lie within a row: use "
+                f"subset_size='auto' or a size whose subsets divide the {row} elements of a "
+                f"row (a divisor of {row}, or one whose largest divisor of {p.numel()} is one)")
+
+    def init_state(self, p: torch.Tensor, group: dict, state: dict, new: StateFactory) -> None:
         layout = subset_layout(p.shape, group["subset_size"], group["subset_norm"])
         if group["rank"] is not None and p.dim() >= 2 and p.numel() > 0:
             n = p.size(0)
             m = p.numel() // n
             r = min(group["rank"], n, m)
             if _projector_side(n, m) == "right":
-                state["exp_avg"] = p.new_zeros(n, r)
-                state["projector"] = p.new_zeros(r, m)
+                state["exp_avg"] = new.rows((n, r), p.dtype)
+                state["projector"] = new.whole((r, m), p.dtype)
             else:
-                state["exp_avg"] = p.new_zeros(r, m)
-                state["projector"] = p.new_zeros(n, r)
+                state["exp_avg"] = new.whole((r, m), p.dtype)
+                state["projector"] = new.rows((n, r), p.dtype)
         else:
-            state["exp_avg"] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
-        state["exp_avg_sq"] = p.new_zeros(_second_moment_shape(p.shape, layout))
+            state["exp_avg"] = new.rows(p.shape, p.dtype)
+        if layout is None:
+            state["exp_avg_sq"] = new.rows(p.shape, p.dtype)
+        elif layout[2]:
+            state["exp_avg_sq"] = new.whole(_second_moment_shape(p.shape, layout), p.dtype)
+        elif new.shards is None:
+            state["exp_avg_sq"] = new.rows(_second_moment_shape(p.shape, layout), p.dtype)
+        else:  # (n, subsets per row): the same values, split like the param's rows
+            state["exp_avg_sq"] = new.rows((p.shape[0], layout[0] // p.shape[0]), p.dtype)
 
-    def update(self, work, grad, state: dict, group: dict, t: float, scratch: Scratch) -> None:
+    def update(self, work, grad, state: dict, group: dict, t: float, scratch: Scratch,
+               shards: Shards | None) -> None:
         beta1, beta2 = group["betas"]
         bias_correction1 = 1 - beta1**t
-        layout = _layout_of_state(work, state["exp_avg_sq"])
+        shape = work.shape if shards is None else (shards.rows, *work.shape[1:])
+        layout = _local_layout(_layout_of_state(shape, state["exp_avg_sq"].shape), work.numel())
+        state = {key: local(value) for key, value in state.items()}
         compiled = self.compiled_kernels(work, grad)
         if (compiled is not None and "projector" not in state
                 and (layout is None or group["subset_size"] == "auto")
+                and (shards is None or layout is None or not layout[2])
                 and all(state[k].dtype == work.dtype and state[k].is_contiguous()
                         for k in ("exp_avg", "exp_avg_sq"))):
             # one fused sweep per row (or a column-sum pass and a sweep), same math
@@ -235,13 +267,15 @@ class AdamSN(ChunkedOptimizer):
             increment_version([work, state["exp_avg"], state["exp_avg_sq"]])  # written by pointer
             return
         if "projector" in state:
-            numerator = _subspace_numerator(state, grad, t, beta1, bias_correction1, group["gap"])
+            numerator = _subspace_numerator(state, grad, t, beta1, bias_correction1,
+                                            group["gap"], shards)
             momentum_weight, step_size = None, group["lr"]
         else:
             numerator = state["exp_avg"]
             momentum_weight, step_size = 1 - beta1, group["lr"] / bias_correction1
         _adamsn_update(
-            work, grad, numerator, state["exp_avg_sq"], layout, scratch, momentum_weight=momentum_weight, beta2=beta2, step_size=step_size,
+            work, grad, numerator, state["exp_avg_sq"], layout, scratch, shards,
+            momentum_weight=momentum_weight, beta2=beta2, step_size=step_size,
             bias_correction2_sqrt=math.sqrt(1 - beta2**t), eps=group["eps"],
             decay=1 - group["lr"] * group["weight_decay"],
         )
@@ -266,24 +300,38 @@ def _check_hparams(group: dict) -> None:
 
 
 def _subspace_numerator(state: dict, grad: torch.Tensor, t: float, beta1: float,
-                        bias_correction1: float, gap: int) -> torch.Tensor:
-    """Update the low-rank momentum and return the full-size numerator N (fresh tensor)."""
+                        bias_correction1: float, gap: int, shards: Shards | None) -> torch.Tensor:
+    """Update the low-rank momentum and return the full-size numerator N (fresh tensor).
+
+    Sharded, the projector comes from the whole gradient, and the products that contract
+    over dim 0 (with the (n, r) projector of an n < m weight) are summed over the ranks.
+    """
     exp_avg, projector = state["exp_avg"], state["projector"]
-    n = grad.size(0)
-    g = grad.view(n, -1)  # (n, m)
-    right = _projector_side(*g.shape) == "right"
+    m = math.prod(grad.shape[1:])
+    n = grad.size(0) if shards is None else shards.rows
+    g = grad.view(grad.size(0), m)  # (local rows, m)
+    right = _projector_side(n, m) == "right"
     if (int(t) - 1) % gap == 0:
+        whole = g if shards is None else shards.gather(g, (n, m))
         svd_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
-        u, _, vh = torch.linalg.svd(g.to(svd_dtype), full_matrices=False)
+        u, _, vh = torch.linalg.svd(whole.to(svd_dtype), full_matrices=False)
         r = exp_avg.size(1) if right else exp_avg.size(0)
         new = (vh[:r] if right else u[:, :r]).to(g.dtype)  # (r, m) or (n, r)
+        if shards is not None:
+            new = shards.same_everywhere(new.contiguous())
+            if not right:
+                new = new[shards.offset:shards.offset + shards.local_rows]
         if t > 1:  # carry the momentum into the new subspace (see the class Note)
             if right:
                 exp_avg.copy_(exp_avg @ (projector @ new.T))  # (n, r) @ (r, r)
             else:
-                exp_avg.copy_((new.T @ projector) @ exp_avg)  # (r, r) @ (r, m)
+                overlap = new.T @ projector  # (r, r)
+                exp_avg.copy_(_summed(overlap, shards) @ exp_avg)  # (r, r) @ (r, m)
         projector.copy_(new)
-    low_rank = g @ projector.T if right else projector.T @ g  # (n, r) or (r, m)
+    if right:
+        low_rank = g @ projector.T  # (n, r)
+    else:
+        low_rank = _summed(projector.T @ g, shards)  # (r, m)
     exp_avg.lerp_(low_rank, 1 - beta1)
     # N = G + lift(M / bc1 - R): one lift for both the momentum and the orthogonal part
     low_rank.neg_().add_(exp_avg, alpha=1 / bias_correction1)
@@ -292,12 +340,19 @@ def _subspace_numerator(state: dict, grad: torch.Tensor, t: float, beta1: float,
     return torch.addmm(g, projector, low_rank).view_as(grad)
 
 
-def _adamsn_update(param, grad, numerator, exp_avg_sq, layout, scratch: Scratch, *,
-                   momentum_weight, beta2, step_size, bias_correction2_sqrt, eps, decay) -> None:
+def _summed(partial: torch.Tensor, shards: Shards | None) -> torch.Tensor:
+    """A sum over dim 0 computed from this rank's rows, completed over the ranks."""
+    return partial if shards is None else shards.sum(partial)
+
+
+def _adamsn_update(param, grad, numerator, exp_avg_sq, layout, scratch: Scratch,
+                   shards: Shards | None, *, momentum_weight, beta2, step_size,
+                   bias_correction2_sqrt, eps, decay) -> None:
     """One AdamSN step on contiguous ``param`` and ``grad``, chunk by chunk.
 
     ``numerator`` is the first moment, updated here by ``lerp_(grad, momentum_weight)``,
-    or, when ``momentum_weight`` is None, a ready numerator used as it is.
+    or, when ``momentum_weight`` is None, a ready numerator used as it is. Column subsets
+    of a sharded param sum their squares over all ranks' rows first.
     """
     if layout is None:
         _per_element_update(param.view(-1), grad.view(-1), numerator.view(-1),
@@ -307,9 +362,16 @@ def _adamsn_update(param, grad, numerator, exp_avg_sq, layout, scratch: Scratch,
         return
     n, m, along_columns = layout
     w, g, mom = param.view(n, m), grad.view(n, m), numerator.view(n, m)
+    exp_avg_sq = exp_avg_sq.view(1, m) if along_columns else exp_avg_sq.view(n, 1)
+    column_sums = None
     if along_columns:
         ones = g.new_ones(n)  # sums columns as a matrix-vector product
-        ranges = chunks(m, scratch.chunk_size // n)
+        ranges = list(chunks(m, scratch.chunk_size // max(n, 1)))
+        if shards is not None:
+            column_sums = shards.sum(torch.cat([
+                ones @ torch.mul(g[:, start:stop], g[:, start:stop],
+                                 out=scratch.get(n * (stop - start), g).view(n, stop - start))
+                for start, stop in ranges]))
     else:
         ranges = chunks(n, scratch.chunk_size // m)
     for start, stop in ranges:
@@ -324,7 +386,9 @@ def _adamsn_update(param, grad, numerator, exp_avg_sq, layout, scratch: Scratch,
             w_c.mul_(decay)
         if momentum_weight is not None:
             mom_c.lerp_(g_c, momentum_weight)
-        if along_columns:
+        if column_sums is not None:
+            subset_sums = column_sums[start:stop]
+        elif along_columns:
             # a sum over dim 0 is very slow on CPU; a matrix-vector product is not
             subset_sums = ones @ torch.mul(g_c, g_c, out=squares)
         else:  # one read of the chunk, no squares written out
