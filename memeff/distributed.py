@@ -1,4 +1,5 @@
-"""Data-parallel processes started by ``torchrun``: the process group, ranks, the local device.
+"""Data-parallel processes started by ``torchrun``: the process group, ranks, the local device,
+and the sharding of a model over them (FSDP2).
 
 ``torchrun --nproc_per_node=N`` starts N copies of a program and gives each ``RANK``,
 ``LOCAL_RANK`` and ``WORLD_SIZE`` (and the rendezvous address) in its environment. A plain
@@ -98,3 +99,18 @@ def broadcast_from_main(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def shard_model(model: torch.nn.Module, device_type: str) -> torch.nn.Module:
+    """FSDP2 over the current group: each transformer block is one ``fully_shard`` unit,
+    the root (embeddings, final norm and the tied head) another. Every parameter becomes a
+    DTensor sharded on dim 0 over a 1-D mesh of all ranks; a block's weights are gathered
+    for its forward and backward only."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device_type, (world_size(),))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
