@@ -9,7 +9,8 @@ Where the text comes from, in order:
 
 Every source is checked against :data:`TINY_SHAKESPEARE_SHA256`. A download goes to a
 temporary file that is renamed into the cache only once its size and checksum are right.
-GPT-2 BPE uses tiktoken, which honours ``TIKTOKEN_CACHE_DIR`` for its own files.
+GPT-2 BPE uses tiktoken, which honours ``TIKTOKEN_CACHE_DIR`` for its own files; a file
+there that fails its checksum is reported, never deleted.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca
 TINY_SHAKESPEARE_BYTES = 1_115_394
 RELATIVE_PATH = Path("tinyshakespeare") / "input.txt"
 DATASETS = ("char", "bpe")
+# tiktoken's files of the gpt2 encoding, by the address it caches each under, with their sha256
+# (from tiktoken_ext/openai_public.py)
+GPT2_BPE_FILES = {
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe":
+        "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json":
+        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
 
 
 def default_cache_dir() -> Path:
@@ -44,18 +53,33 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _check_contents(data: bytes, source: str) -> None:
-    if len(data) != TINY_SHAKESPEARE_BYTES:
+def _check_size(size: int, source: str) -> None:
+    if size != TINY_SHAKESPEARE_BYTES:
         raise ValueError(
-            f"{source} has {len(data):,} bytes, expected {TINY_SHAKESPEARE_BYTES:,}: "
+            f"{source} has {size:,} bytes, expected {TINY_SHAKESPEARE_BYTES:,}: "
             f"the file is truncated or not Tiny Shakespeare; delete it and fetch it again"
         )
+
+
+def _check_contents(data: bytes, source: str) -> None:
+    _check_size(len(data), source)
     digest = _sha256(data)
     if digest != TINY_SHAKESPEARE_SHA256:
         raise ValueError(
             f"{source} has sha256 {digest}, expected {TINY_SHAKESPEARE_SHA256}: "
             f"the file is corrupted; delete it and fetch it again"
         )
+
+
+def _check_file(path: Path) -> None:
+    """Check that ``path`` holds the text; its size is checked before a byte is read."""
+    try:
+        _check_size(path.stat().st_size, str(path))
+        contents = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path} ({exc.strerror}); fix its permissions or replace "
+                         f"it with a readable copy") from None
+    _check_contents(contents, str(path))
 
 
 def download_tiny_shakespeare(cache_dir: Path, url: str = TINY_SHAKESPEARE_URL,
@@ -93,12 +117,12 @@ def tiny_shakespeare_path(cache_dir: Path | None = None, url: str = TINY_SHAKESP
                 f"{DATA_DIR_ENV}={override} but {path} does not exist; point {DATA_DIR_ENV} "
                 f"at a directory holding {RELATIVE_PATH}, or unset it to download"
             )
-        _check_contents(path.read_bytes(), str(path))
+        _check_file(path)
         return path
     cache_dir = default_cache_dir() if cache_dir is None else cache_dir
     path = cache_dir / RELATIVE_PATH
     if path.is_file():
-        _check_contents(path.read_bytes(), str(path))
+        _check_file(path)
         return path
     return download_tiny_shakespeare(cache_dir, url)
 
@@ -132,11 +156,58 @@ def char_codec(chars: str) -> tuple[Callable[[str], list[int]], Callable[[list[i
     return encode, decode
 
 
+def tiktoken_cache_name(address: str) -> str:
+    """The name tiktoken gives its cached copy of ``address``."""
+    return hashlib.sha1(address.encode()).hexdigest()
+
+
+def tiktoken_cache_dir() -> str:
+    """The directory tiktoken caches its files in, by the rule of its ``read_file_cached``."""
+    for variable in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if variable in os.environ:
+            return os.environ[variable]
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
+
+
+def _missing_gpt2_bpe_files(cache_dir: str) -> list[str]:
+    """Names of the gpt2 files missing from tiktoken's cache; a file there that fails its
+    sha256 is a ValueError, raised before tiktoken would delete it and download it again."""
+    missing = []
+    for address, sha256 in GPT2_BPE_FILES.items():
+        path = Path(cache_dir) / tiktoken_cache_name(address)
+        if not path.exists():
+            missing.append(f"{path.name} ({address.rsplit('/', 1)[-1]})")
+            continue
+        try:
+            digest = _sha256(path.read_bytes())
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}, tiktoken's copy of {address} "
+                             f"({exc.strerror}); fix its permissions") from None
+        if digest != sha256:
+            raise ValueError(f"{path}, tiktoken's copy of {address}, has sha256 {digest}, "
+                             f"expected {sha256}: it is truncated or corrupt; replace it with "
+                             f"a good copy, or delete it to download it again")
+    return missing
+
+
 def bpe_codec() -> tuple[Callable[[str], list[int]], Callable[[list[int]], str], int]:
-    """GPT-2 BPE encoder, decoder and vocabulary size from tiktoken."""
+    """GPT-2 BPE encoder, decoder and vocabulary size from tiktoken.
+
+    tiktoken reads its files from its cache (``TIKTOKEN_CACHE_DIR``) or downloads them; a
+    cached file that is not the right one is an error here, and stays where it is.
+    """
     import tiktoken  # imported here: loading the encoding reads (or downloads) its files
 
-    enc = tiktoken.get_encoding("gpt2")
+    cache_dir = tiktoken_cache_dir()
+    missing = _missing_gpt2_bpe_files(cache_dir) if cache_dir else list(GPT2_BPE_FILES)
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except OSError as exc:  # requests' errors are OSErrors
+        raise FileNotFoundError(
+            f"tiktoken's cache {cache_dir or '(off)'} lacks {' and '.join(missing)} and "
+            f"downloading failed ({type(exc).__name__}); run once with internet to fill it, or "
+            f"set TIKTOKEN_CACHE_DIR to a directory holding these files from such a cache"
+        ) from None
     return enc.encode_ordinary, enc.decode, enc.n_vocab
 
 
