@@ -13,6 +13,7 @@ rounding, and ``DECODE_ATTENTION`` is the one the model uses unless told otherwi
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -261,27 +262,33 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(self, idx: torch.Tensor, max_new_tokens: int,
+                 temperature: float | torch.Tensor = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample ``max_new_tokens`` tokens after ``idx`` (B, T) using a KV cache.
 
         Produces exactly the tokens of nanoGPT's uncached loop, which predicts each token
         from the last ``block_size`` tokens at positions 0..block_size-1. While the sequence
         fits, each step feeds only the newest token; once it outgrows ``block_size`` every
         position shifts, so the cache is refilled from the window.
+
+        ``temperature`` is a number, or a tensor of shape (B,) or (B, 1) with one per row. A
+        temperature too small for the logits' float type samples among the largest logits.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        if top_k is not None and top_k <= 0:
-            raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+        check_token_ids(idx, self.config.vocab_size)
+        if not is_integer(max_new_tokens) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        temperature = check_temperature(temperature, idx.size(0))
+        if isinstance(temperature, torch.Tensor):
+            temperature = temperature.to(idx.device)
+        if top_k is not None and (not is_integer(top_k) or top_k <= 0):
+            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
         block_size = self.config.block_size
         cache = KVCache(self.config, idx.size(0), min(block_size, idx.size(1) + max_new_tokens),
                         dtype=self.lm_head.weight.dtype, device=idx.device)
         logits, _ = self(idx[:, -block_size:], cache=cache)
         for step in range(max_new_tokens):
-            logits = logits[:, -1, :] / temperature
+            logits = scale_logits(logits[:, -1, :], temperature)
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                 logits[logits < kth] = -float("inf")
@@ -296,3 +303,54 @@ class GPT(nn.Module):
                 cache.reset()
                 logits, _ = self(idx[:, -block_size:], cache=cache)
         return idx
+
+
+def is_integer(value) -> bool:
+    """An int (Python's or numpy's), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:
+    """Raise unless ``idx`` is a (B, T) tensor of token ids in [0, vocab_size), B, T >= 1."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"idx must be a (B, T) tensor of token ids, got {type(idx).__name__}")
+    if idx.dtype not in (torch.long, torch.int):
+        raise TypeError(f"idx must hold integer token ids, got {idx.dtype}; use torch.long")
+    if idx.dim() != 2 or 0 in idx.shape:
+        raise ValueError(f"idx must have shape (B, T) with B, T >= 1 (one sequence is "
+                         f"idx[None]), got {tuple(idx.shape)}")
+    low, high = idx.min().item(), idx.max().item()
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"idx must hold token ids in [0, {vocab_size}), got ids from {low} "
+                         f"to {high}")
+
+
+def check_temperature(temperature: float | torch.Tensor,
+                      batch_size: int) -> float | torch.Tensor:
+    """``temperature`` checked finite and > 0: a number, a 0-dim tensor, or a tensor of shape
+    (B,) or (B, 1), which comes back as (B, 1) to divide each row's logits."""
+    if isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+        return temperature
+    if not isinstance(temperature, torch.Tensor):
+        raise TypeError(f"temperature must be a number or a tensor of shape (B,) or (B, 1), "
+                        f"got {type(temperature).__name__}")
+    if temperature.shape not in ((), (batch_size,), (batch_size, 1)):
+        raise ValueError(f"temperature tensor must have shape (), ({batch_size},) or "
+                         f"({batch_size}, 1) for B = {batch_size}, got {tuple(temperature.shape)}")
+    bad = temperature[~(temperature.isfinite() & (temperature > 0))]
+    if bad.numel():
+        raise ValueError(f"temperature must be finite and > 0, got {bad.flatten()[0].item()}")
+    return temperature.reshape(-1, 1) if temperature.dim() else temperature
+
+
+def scale_logits(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """``logits / temperature`` for logits (B, vocab_size); a row where that is not finite gets
+    the limit as the temperature goes to 0: 0 at its largest logits, -inf elsewhere."""
+    scaled = logits / temperature
+    # tiny temperatures get their limit instead of an error: values that sampled before still do
+    overflowed = ~scaled.amax(dim=-1, keepdim=True).isfinite()  # (B, 1)
+    largest = logits == logits.amax(dim=-1, keepdim=True)  # (B, vocab_size)
+    limit = torch.zeros_like(scaled).masked_fill(~largest, -math.inf)
+    return torch.where(overflowed, limit, scaled)

@@ -201,3 +201,85 @@ def test_forward_rejects_sequences_past_block_size():
     model = GPT(small_config())
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def greedy_generate(model, idx, max_new_tokens):
+    """Each step takes the likeliest token, recomputing the last block_size tokens."""
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size:])
+        idx = torch.cat((idx, logits[:, -1, :].argmax(dim=-1, keepdim=True)), dim=1)
+    return idx
+
+
+# 1e-45 overflows logits / temperature in float32; 1e-46 is 0 there
+@pytest.mark.parametrize("temperature", [1e-45, 1e-46, 1e-300])
+def test_generate_at_a_vanishing_temperature_takes_the_likeliest_token(temperature):
+    torch.manual_seed(6)
+    model = GPT(small_config()).eval()
+    prompt = torch.randint(50, (2, 3))
+    out = model.generate(prompt, 20, temperature=temperature,
+                         generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, greedy_generate(model, prompt, 20))
+
+
+@pytest.mark.parametrize("shape", [(2,), (2, 1)], ids=str)
+def test_generate_takes_a_temperature_per_row(shape):
+    torch.manual_seed(7)
+    model = GPT(small_config()).eval()
+    prompt = torch.randint(50, (2, 3))
+    expected, _ = uncached_generate(model, prompt, 20, torch.tensor([[0.5], [2.0]]), 10,
+                                    torch.Generator().manual_seed(2))
+    out = model.generate(prompt, 20, temperature=torch.tensor([0.5, 2.0]).reshape(shape),
+                         top_k=10, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(out, expected)
+
+
+TOKENS = torch.zeros(2, 3, dtype=torch.long)  # B = 2; small_config's vocab_size is 50
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    pytest.param(dict(idx=[[1, 2]]), TypeError,
+                 r"idx must be a \(B, T\) tensor of token ids, got list", id="idx-list"),
+    pytest.param(dict(idx=torch.zeros(1, 3)), TypeError,
+                 r"idx must hold integer token ids, got torch.float32", id="idx-float"),
+    pytest.param(dict(idx=torch.zeros(3, dtype=torch.long)), ValueError,
+                 r"idx must have shape \(B, T\) with B, T >= 1 .*got \(3,\)", id="idx-1d"),
+    pytest.param(dict(idx=torch.zeros(1, 0, dtype=torch.long)), ValueError,
+                 r"idx must have shape .*got \(1, 0\)", id="idx-no-tokens"),
+    pytest.param(dict(idx=torch.zeros(0, 3, dtype=torch.long)), ValueError,
+                 r"idx must have shape .*got \(0, 3\)", id="idx-no-rows"),
+    pytest.param(dict(idx=torch.tensor([[1, 50]])), ValueError,
+                 r"idx must hold token ids in \[0, 50\), got ids from 1 to 50",
+                 id="idx-past-vocab"),
+    pytest.param(dict(idx=torch.tensor([[-1, 2]])), ValueError,
+                 r"in \[0, 50\), got ids from -1 to 2", id="idx-negative"),
+    pytest.param(dict(max_new_tokens=-1), ValueError,
+                 "max_new_tokens must be an integer >= 0, got -1", id="max-new-tokens-negative"),
+    pytest.param(dict(max_new_tokens=2.5), ValueError,
+                 "max_new_tokens must be an integer >= 0, got 2.5", id="max-new-tokens-float"),
+    pytest.param(dict(temperature=float("nan")), ValueError,
+                 "temperature must be finite and > 0, got nan", id="temperature-nan"),
+    pytest.param(dict(temperature=float("inf")), ValueError,
+                 "temperature must be finite and > 0, got inf", id="temperature-inf"),
+    pytest.param(dict(temperature=0.0), ValueError,
+                 "temperature must be finite and > 0, got 0.0", id="temperature-0"),
+    pytest.param(dict(temperature=-1), ValueError,
+                 "temperature must be finite and > 0, got -1", id="temperature-negative"),
+    pytest.param(dict(temperature=[0.5, 0.5]), TypeError,
+                 r"temperature must be a number or a tensor of shape \(B,\) or \(B, 1\), got list",
+                 id="temperature-list"),
+    pytest.param(dict(temperature=torch.ones(2, 2)), ValueError,
+                 r"temperature tensor must have shape \(\), \(2,\) or \(2, 1\) for B = 2, "
+                 r"got \(2, 2\)", id="temperature-shape"),
+    pytest.param(dict(temperature=torch.tensor([0.5, float("nan")])), ValueError,
+                 "temperature must be finite and > 0, got nan", id="temperature-row-nan"),
+    pytest.param(dict(top_k=0), ValueError,
+                 "top_k must be a positive integer or None, got 0", id="top-k-0"),
+    pytest.param(dict(top_k=2.5), ValueError,
+                 "top_k must be a positive integer or None, got 2.5", id="top-k-float"),
+])
+def test_generate_rejects_bad_input_naming_it(kwargs, error, message):
+    model = GPT(small_config()).eval()
+    arguments = dict(idx=TOKENS, max_new_tokens=2) | kwargs
+    with pytest.raises(error, match=message):
+        model.generate(**arguments)
