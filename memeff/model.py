@@ -346,11 +346,11 @@ def check_temperature(temperature: float | torch.Tensor,
 
 
 def scale_logits(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
-    """``logits / temperature`` for logits (B, vocab_size); a row where that is not finite gets
-    the limit as the temperature goes to 0: 0 at its largest logits, -inf elsewhere."""
-    scaled = logits / temperature
-    # tiny temperatures get their limit instead of an error: values that sampled before still do
-    overflowed = ~scaled.amax(dim=-1, keepdim=True).isfinite()  # (B, 1)
-    largest = logits == logits.amax(dim=-1, keepdim=True)  # (B, vocab_size)
-    limit = torch.zeros_like(scaled).masked_fill(~largest, -math.inf)
-    return torch.where(overflowed, limit, scaled)
+    """``logits / temperature`` for logits (B, vocab_size); a row whose largest logit overflows
+    that division gets the limit as the temperature goes to 0: 0 at its largest logits, -inf
+    elsewhere (which is also the row's exact softmax at such a temperature)."""
+    largest = logits.amax(dim=-1, keepdim=True)  # (B, 1)
+    # the limit, not a minimum temperature: where overflow starts depends on the logits and dtype
+    overflowed = ~(largest / temperature).isfinite()  # (B, 1); the max of logits / temperature
+    limit = torch.zeros_like(logits).masked_fill(logits != largest, -math.inf)
+    return torch.where(overflowed, limit, logits / temperature)
