@@ -24,6 +24,14 @@ Gradients are all-reduced only in the last micro-step's backward. Rank 0 alone e
 (on global batches), logs and writes the checkpoint (which keeps every rank's RNG state)
 and ``result.json``; the optimizer state is replicated on every rank. A single process
 makes no collective calls.
+
+A run stops at the first iteration whose loss, gradient norm or evaluation loss is not
+finite, before the optimizer step or checkpoint that would keep it, and raises
+:class:`TrainingDiverged` (the CLI: one line on stderr and exit status 3). Every rank stops
+at the same iteration: under DDP each iteration all-reduces its loss and gradient norm (two
+numbers), and rank 0 broadcasts its evaluation's losses. ``out_dir`` then keeps the
+checkpoint of the last evaluation, whose weights and losses are finite, and gets no
+``result.json``; resuming from it diverges again at the same iteration.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from memeff import checkpoint as checkpoints
@@ -56,6 +65,9 @@ from memeff.optim.registry import REGISTRY, spec
 log = logging.getLogger(__name__)
 
 RESULT_NAME = "result.json"
+EXIT_DIVERGED = 3  # the CLI's exit status when training diverged (2: bad input)
+# the seeds torch.manual_seed and torch.Generator.manual_seed take (a negative one modulo 2**64)
+SEED_RANGE = (-2**63, 2**64 - 1)
 # fields that may differ between a checkpoint and the run that resumes it
 RESUME_MAY_CHANGE = ("out_dir", "resume", "log_interval")
 
@@ -149,6 +161,9 @@ class TrainConfig:
         if self.device_type() not in ("cpu", "cuda"):
             raise ValueError(f"TrainConfig.device must be 'cpu', 'cuda' or 'cuda:N', "
                              f"got {self.device!r}")
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"TrainConfig.seed (--seed) must be an integer from -2**63 to "
+                             f"2**64 - 1, the seeds torch takes; got {self.seed!r}")
         if self.resume and self.out_dir is None:
             raise ValueError("TrainConfig.resume needs out_dir, the directory holding the checkpoint")
         self.model_config(vocab_size=1)  # checks the model fields now, before any work
@@ -198,6 +213,29 @@ class TrainConfig:
         return GPTConfig(n_layer=self.n_layer, n_head=self.n_head, n_kv_head=self.n_kv_head,
                          n_embd=self.n_embd, block_size=self.block_size, vocab_size=vocab_size,
                          dropout=self.dropout, bias=self.bias)
+
+
+class TrainingDiverged(ArithmeticError):
+    """A loss or the gradient norm that is not finite stopped the run at ``iteration``.
+
+    ``what`` names the value ("loss", "gradient norm", "evaluation's val loss", ...) and
+    ``value`` is it (nan or inf; under DDP, summed over the ranks).
+    """
+
+    def __init__(self, iteration: int, what: str, value: float):
+        super().__init__(iteration, what, value)  # as args, so that it pickles
+        self.iteration, self.what, self.value = iteration, what, value
+
+    def __str__(self) -> str:
+        return (f"training diverged at iteration {self.iteration}: the {self.what} is "
+                f"{self.value}; try a lower --learning-rate")
+
+
+def _stop_unless_finite(iteration: int, values: dict[str, float]) -> None:
+    """Raise :class:`TrainingDiverged` for the first of ``values`` (what -> value) not finite."""
+    for what, value in values.items():
+        if not math.isfinite(value):
+            raise TrainingDiverged(iteration, what, value)
 
 
 @dataclass
@@ -351,13 +389,21 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
             return TrainResult(**json.loads(result_path.read_text(encoding="utf-8")))
 
     data = load_dataset(cfg.dataset)
+    for split, ids in (("train", data.train), ("val", data.val)):  # before any work
+        try:
+            check_holds_a_window(ids, cfg.block_size)
+        except ValueError:
+            raise ValueError(f"--block-size {cfg.block_size} is too long for the {split} split, "
+                             f"which holds {len(ids)} tokens (--dataset {cfg.dataset}); a window "
+                             f"takes block_size + 1 of them: use --block-size {len(ids) - 1} "
+                             f"or less") from None
     model = GPT(cfg.model_config(data.vocab_size)).to(device)
     optimizer = build_optimizer(cfg.optimizer, model, lr=cfg.learning_rate,
                                 **cfg.optimizer_settings())
     # every group's lr follows the schedule from its own peak (build_optimizer's group_hparams)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
     if rank > 0:  # its own dropout masks; rank 0 continues the single-process stream
-        torch.manual_seed(cfg.seed + rank)
+        torch.manual_seed((cfg.seed + rank) % 2**64)  # wraps past 2**64 - 1 as torch wraps -1
     batch_generator = torch.Generator().manual_seed(cfg.seed)  # the same on every rank
     evals: list[dict[str, float]] = []
     start_iter = 0
@@ -411,10 +457,14 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
     while True:
         due = it % cfg.eval_interval == 0 or it == cfg.max_iters
         if due and not (checkpoint is not None and it == start_iter):  # its eval is in evals
-            if is_main:  # the other ranks wait for it in the next gradient all-reduce
-                losses = estimate_loss(model, data, cfg, global_batch_size)
-                evals.append({"iter": it, "train_loss": losses["train"],
-                              "val_loss": losses["val"]})
+            # rank 0 evaluates and every rank takes its losses, so that on a NaN all stop
+            losses = distributed.broadcast_from_main(
+                estimate_loss(model, data, cfg, global_batch_size) if is_main else None)
+            # weights that overflow the forward stop here, before they are checkpointed
+            _stop_unless_finite(it, {f"evaluation's {split} loss": loss
+                                     for split, loss in losses.items()})
+            evals.append({"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]})
+            if is_main:
                 log.info("eval %d/%d: train loss %.4f, val loss %.4f", it, cfg.max_iters,
                          losses["train"], losses["val"])
             if checkpoint_path is not None:
@@ -423,6 +473,7 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
             break
 
         t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)  # over the micro-steps
         for micro_step in range(cfg.grad_accum_steps):
             x, y = get_batch(data.train, global_batch_size, cfg.block_size, batch_generator)
             x, y = x[rank_rows], y[rank_rows]  # (batch_size, block_size): this rank's slice
@@ -431,8 +482,15 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
             with contextlib.nullcontext() if last or world_size == 1 else ddp_model.no_sync():
                 _, loss = ddp_model(x.to(device), y.to(device))
                 (loss / cfg.grad_accum_steps).backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            loss_sum += loss.detach()
+        # the norm before clipping; max_norm inf leaves the gradients as they are
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        health = torch.stack([loss_sum, grad_norm])
+        if world_size > 1:  # the loss is each rank's own: one non-finite makes every sum so
+            dist.all_reduce(health)
+        loss_total, grad_norm_total = health.tolist()
+        _stop_unless_finite(it, {"loss": loss_total, "gradient norm": grad_norm_total})
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -453,9 +511,9 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
         log.info("final val loss over the whole val split (%d tokens): %.4f",
                  len(data.val), whole_split_val_loss)
     whole_split_val_loss = distributed.broadcast_from_main(whole_split_val_loss)
+    _stop_unless_finite(cfg.max_iters, {"whole-split val loss": whole_split_val_loss})
     median_s = statistics.median(step_seconds) if step_seconds else None
     state_bytes_per_rank = distributed.all_gather(state_bytes(optimizer))
-    evals = distributed.broadcast_from_main(evals)
     result = TrainResult(
         config=asdict(cfg),
         n_params=model.num_params(),
@@ -489,7 +547,11 @@ def _parser() -> argparse.ArgumentParser:
     """One option per TrainConfig field, e.g. --n-kv-head for n_kv_head."""
     parser = cli.ArgumentParser(prog="python -m memeff.train",
                                 description="Train a GPT on Tiny Shakespeare (nanoGPT's baby "
-                                            "config by default).")
+                                            "config by default).",
+                                epilog=f"Exit status: 0 trained, 2 bad input, {EXIT_DIVERGED} "
+                                       f"training diverged (a loss or gradient that is not "
+                                       f"finite: --out-dir keeps the checkpoint of the last "
+                                       f"evaluation and gets no {RESULT_NAME}).")
     types = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str,
              "float | None": float}
     for f in fields(TrainConfig):
@@ -512,7 +574,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     cfg = TrainConfig(**args)
     with distributed.process_group(torch.device(cfg.device).type):  # train() joins this one
-        result = train(cfg)
+        try:
+            result = train(cfg)
+        except TrainingDiverged as exc:  # an outcome, not bad input: every rank stopped here
+            if distributed.is_main():
+                print(f"error: {exc}", file=sys.stderr)
+            return EXIT_DIVERGED
         if distributed.is_main():
             summary = {k: v for k, v in result.to_dict().items() if k not in ("config", "evals")}
             print(json.dumps(summary))

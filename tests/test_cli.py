@@ -1,9 +1,11 @@
 """The command-line tools: a short training run, sampling, and one-line errors on bad input."""
 
+import os
 import subprocess
 import sys
 
 import pytest
+import torch.distributed as dist
 
 TINY_ARGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
              "--batch-size", "4", "--eval-iters", "1", "--eval-interval", "5", "--max-iters", "5"]
@@ -34,6 +36,7 @@ def test_train_then_sample(tmp_path):
     (["--bogus"], "--bogus"),
     (["--optimizer-hparams", "[1]"], "JSON object"),
     (["--resume"], "no checkpoint"),
+    (["--seed", "99999999999999999999999"], "seed (--seed) must be an integer from -2**63 to 2**64"),
 ])
 def test_train_bad_arguments_exit_2_with_one_line_and_write_nothing(tmp_path, args, message):
     out_dir = tmp_path / "run"
@@ -42,6 +45,70 @@ def test_train_bad_arguments_exit_2_with_one_line_and_write_nothing(tmp_path, ar
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not out_dir.exists()
+
+
+def test_train_with_a_block_size_longer_than_the_val_split_fails_at_once(tmp_path):
+    out_dir = tmp_path / "run"
+    result = run("memeff.train", *TINY_ARGS, "--block-size", "111540", "--out-dir", str(out_dir))
+    assert result.returncode == 2
+    assert result.stderr == ("error: --block-size 111540 is too long for the val split, which "
+                             "holds 111540 tokens (--dataset char); a window takes block_size + 1 "
+                             "of them: use --block-size 111539 or less\n")
+    assert sorted(p.name for p in out_dir.iterdir()) == [".lock"]  # the run held it, and no more
+
+
+def test_train_that_diverges_exits_3_with_one_error_line_keeping_the_last_checkpoint(tmp_path):
+    out_dir = tmp_path / "run"
+    result = run("memeff.train", *TINY_ARGS, "--lr", "1e6", "--warmup-iters", "0",
+                 "--out-dir", str(out_dir))
+    assert result.returncode == 3, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: training diverged at iteration 1: the loss is nan; try a lower "
+                      "--learning-rate"], result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert sorted(p.name for p in out_dir.iterdir()) == [".lock", "ckpt.pt"]
+
+
+RANK_1_LOSS_IS_INFINITE = """
+import os, sys
+import memeff.train
+from memeff import cli
+from memeff.model import GPT
+
+class InfiniteLossOnRank1(GPT):
+    forward_passes = 0
+
+    def forward(self, idx, targets=None):
+        logits, loss = super().forward(idx, targets)
+        if self.training and os.environ["RANK"] == "1":
+            InfiniteLossOnRank1.forward_passes += 1
+            if InfiniteLossOnRank1.forward_passes == 4:  # iteration 3
+                loss = loss + float("inf")  # a constant: the gradients stay finite
+        return logits, loss
+
+memeff.train.GPT = InfiniteLossOnRank1
+sys.exit(cli.run(memeff.train.main))
+"""
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="needs torch.distributed with gloo")
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_exit_3(tmp_path):
+    from test_distributed import REPO, torchrun
+
+    script = tmp_path / "rank_1_loss_is_infinite.py"
+    script.write_text(RANK_1_LOSS_IS_INFINITE)
+    out_dir = tmp_path / "run"
+    # the largest seed: rank 1 seeds its dropout with it + 1, which wraps around to 0
+    completed = torchrun([str(script), *TINY_ARGS, "--seed", str(2**64 - 1),
+                          "--out-dir", str(out_dir)], timeout=120,
+                         PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    assert completed.returncode != 0
+    # rank 0, whose own loss was finite, stopped too, and says why
+    assert ("error: training diverged at iteration 3: the loss is inf"
+            in completed.stderr), completed.stderr
+    assert "exitcode  : 3" in completed.stderr, completed.stderr
+    assert sorted(p.name for p in out_dir.iterdir()) == [".lock", "ckpt.pt"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
+from memeff import checkpoint
+from memeff import train as train_module
 from memeff.model import GPT, GPTConfig
-from memeff.train import TrainConfig, lr_at, split_loss, train
+from memeff.train import TrainConfig, TrainingDiverged, lr_at, split_loss, train
 
 TINY = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32, batch_size=8,
             eval_iters=2, warmup_iters=5, log_interval=1000)
@@ -174,6 +176,8 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     (dict(min_lr=math.nan), "min_lr must be a finite number"),
     (dict(weight_decay=math.nan), "weight_decay must be a finite number"),
     (dict(grad_clip=math.nan), "grad_clip must be a finite number"),
+    (dict(seed=99999999999999999999999), r"seed \(--seed\) must be an integer from -2\*\*63 to"),
+    (dict(seed=-2**63 - 1), r"seed \(--seed\) must be an integer from -2\*\*63 to 2\*\*64 - 1"),
     (dict(optimizer="adafactor", beta2=0.9), "adafactor takes no beta2"),
     (dict(optimizer="torch_adafactor", beta1=0.9), "torch_adafactor takes no beta1"),
     (dict(optimizer_hparams={"lr": 1e-3}), "optimizer_hparams sets lr; use --learning-rate"),
@@ -184,6 +188,11 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 def test_bad_train_config_names_the_field(fields, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**fields)
+
+
+def test_every_seed_torch_takes_is_a_seed():
+    for seed in (-2**63, -1, 0, 2**64 - 1):  # torch takes a negative seed modulo 2**64
+        assert TrainConfig(seed=seed).seed == seed
 
 
 def test_beta1_is_our_adafactors_first_moment():
@@ -213,3 +222,75 @@ def test_an_out_dir_under_a_file_fails_before_training(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="cannot write into"):
         train(TrainConfig(**TINY, max_iters=1, out_dir=str(tmp_path / "file" / "run")))
+
+
+def test_a_block_size_longer_than_a_split_fails_before_the_model_is_built(char_data, monkeypatch):
+    monkeypatch.setattr(train_module, "GPT",
+                        lambda *args: pytest.fail("built the model before checking the splits"))
+    too_long = len(char_data.val)  # a window takes block_size + 1 tokens
+    with pytest.raises(ValueError, match=rf"--block-size {too_long} .* the val split, "
+                                         rf"which holds {too_long} tokens"):
+        train(TrainConfig(**dict(TINY, block_size=too_long), max_iters=1))
+
+
+def _finite(state) -> bool:
+    """Whether every tensor in a (nested) state dict is finite."""
+    if isinstance(state, torch.Tensor):
+        return bool(torch.isfinite(state).all())
+    if isinstance(state, dict):
+        return all(map(_finite, state.values()))
+    return all(map(_finite, state)) if isinstance(state, (list, tuple)) else True
+
+
+# lr 1e6: AdamW's first step leaves finite weights whose next forward overflows to nan
+DIVERGES = dict(TINY, warmup_iters=0, learning_rate=1e6, max_iters=6)
+
+
+@pytest.mark.parametrize("eval_interval, what", [(3, "loss"), (1, "evaluation's train loss")])
+def test_a_run_stops_at_its_first_non_finite_loss_keeping_its_last_good_checkpoint(
+        tmp_path, eval_interval, what):
+    with pytest.raises(TrainingDiverged, match=f"at iteration 1: the {what} is nan") as info:
+        train(TrainConfig(**DIVERGES, eval_interval=eval_interval, out_dir=str(tmp_path)))
+    assert (info.value.iteration, info.value.what) == (1, what)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "ckpt.pt"]  # no result.json
+    saved = checkpoint.load(tmp_path)
+    assert saved["iter"] == 0 and _finite(saved["model"])
+
+
+@pytest.fixture
+def nan_gradient_at(monkeypatch):
+    """``arm(k)``: train()'s model then gets a NaN in one element of one weight's gradient at
+    iteration k (and only there); the loss stays finite."""
+
+    def arm(iteration: int):
+        class NaNGradient(GPT):
+            def __init__(self, config):
+                super().__init__(config)
+                backward_passes = []
+
+                def poison(grad):
+                    backward_passes.append(1)
+                    if len(backward_passes) == iteration + 1:
+                        grad = grad.clone()
+                        grad[0, 0] = math.nan
+                    return grad
+
+                self.transformer.h[0].mlp.c_fc.weight.register_hook(poison)
+
+        monkeypatch.setattr(train_module, "GPT", NaNGradient)
+
+    return arm
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0], ids=["clipped", "unclipped"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adamsn", "adafactor"])
+def test_a_nan_gradient_stops_the_run_before_the_optimizer_applies_it(
+        tmp_path, nan_gradient_at, optimizer, grad_clip):
+    nan_gradient_at(2)
+    cfg = TrainConfig(**dict(TINY, max_iters=4, eval_interval=1), optimizer=optimizer,
+                      weight_decay=0.0, grad_clip=grad_clip, out_dir=str(tmp_path))
+    with pytest.raises(TrainingDiverged, match="diverged at iteration 2: the gradient norm is nan"):
+        train(cfg)
+    saved = checkpoint.load(tmp_path)  # evaluated and written at iteration 2, before the step
+    assert saved["iter"] == 2 and [e["iter"] for e in saved["evals"]] == [0, 1, 2]
+    assert _finite(saved["model"]) and _finite(saved["optimizer"])
