@@ -14,6 +14,9 @@ test substitutes a tiny model and trains in seconds.
   anything trains, when it is not (likewise a checkpoint of another configuration);
 - a trial whose directory holds a checkpoint but no result (an interrupted session)
   resumes from it, which reproduces the uninterrupted run exactly (see memeff.train);
+- a trial whose training diverged (memeff.train.TrainingDiverged: a loss or gradient that
+  is not finite, e.g. at too high an lr) has that as its outcome, a :class:`Diverged`,
+  kept in its directory as ``diverged.json`` and reused like a result;
 - ``workers`` > 1 trains that many trials at once, each in its own process with a share
   of the CPU threads (:func:`threads_per_job`); losses do not depend on it beyond float
   rounding, the per-iteration times do;
@@ -42,9 +45,11 @@ from bench.results import PROFILES
 from memeff import checkpoint as checkpoints
 from memeff.checkpoint import CHECKPOINT_NAME
 from memeff.io import write_json
-from memeff.train import RESULT_NAME, TrainConfig, TrainResult, config_differences, train
+from memeff.train import (RESULT_NAME, TrainConfig, TrainingDiverged, TrainResult,
+                          config_differences, train)
 
 SESSION_NAME = "session.json"  # the threads and concurrent runs of the session that trained it
+DIVERGED_NAME = "diverged.json"  # the outcome of a run that diverged: it has no result.json
 LOG_NAME = "train.log"
 # TrainConfig fields a Run may not set: the Run itself and the driver decide them
 RESERVED_FIELDS = ("optimizer", "seed", "out_dir", "resume")
@@ -106,6 +111,14 @@ class Trial:
         return Path(self.config.out_dir)
 
 
+@dataclass(frozen=True)
+class Diverged:
+    """The outcome of a trial whose training diverged: a real one (e.g. an lr too high)."""
+
+    iteration: int  # the first iteration whose loss or gradient norm was not finite
+    message: str  # TrainingDiverged's, which says what was not finite
+
+
 def run_dir(runs_dir: str | Path, name: str, seed: int) -> Path:
     return Path(runs_dir) / name / f"seed-{seed}"
 
@@ -137,26 +150,36 @@ def _as_saved(cfg: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def saved_result(trial: Trial) -> TrainResult | None:
-    """The result an earlier session left in the trial's directory, or None if it has none.
+def _saved(path: Path, trial: Trial) -> dict[str, Any]:
+    """The JSON file ``path`` of the trial's directory, which must hold the trial's config."""
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    differences = config_differences(saved.get("config", {}), _as_saved(trial.config))
+    if differences:
+        raise ValueError(f"{path} is a run with another configuration than {trial.name} "
+                         f"({differences}); remove {trial.out_dir} to train it again, or use "
+                         f"another runs directory")
+    return saved
 
-    A result or checkpoint there of another configuration is a ValueError saying what differs.
+
+def saved_result(trial: Trial) -> TrainResult | Diverged | None:
+    """The outcome an earlier session left in the trial's directory, or None if it has none.
+
+    A result, divergence or checkpoint there of another configuration is a ValueError
+    saying what differs.
     """
     out = trial.out_dir
     result_path, checkpoint_path = out / RESULT_NAME, out / CHECKPOINT_NAME
     if result_path.is_file():
-        saved = json.loads(result_path.read_text(encoding="utf-8"))
-        differences = config_differences(saved.get("config", {}), _as_saved(trial.config))
-        if differences:
-            raise ValueError(f"{result_path} is a run with another configuration than "
-                             f"{trial.name} ({differences}); remove {out} to train it again, "
-                             f"or use another runs directory")
+        saved = _saved(result_path, trial)
         missing = [f.name for f in dataclasses.fields(TrainResult) if f.name not in saved]
         if missing:
             raise ValueError(f"{result_path} was written by an older memeff and lacks "
                              f"{', '.join(missing)}; remove {out} to train the run again, "
                              f"or use another runs directory")
         return TrainResult(**saved)
+    if (out / DIVERGED_NAME).is_file():
+        saved = _saved(out / DIVERGED_NAME, trial)
+        return Diverged(saved["iteration"], saved["message"])
     if checkpoint_path.is_file():
         saved_config = checkpoints.load(checkpoint_path)["train_config"]
         differences = config_differences(saved_config, dataclasses.asdict(trial.config))
@@ -186,8 +209,9 @@ class _Job(NamedTuple):
     progress: bool
 
 
-def _train_job(job: _Job) -> TrainResult:
-    """Train (or resume) one trial, logging its progress to stderr and ``train.log``."""
+def _train_job(job: _Job) -> TrainResult | Diverged:
+    """Train (or resume) one trial, logging its progress to stderr and ``train.log``; a
+    divergence is its outcome, kept in ``diverged.json``."""
     if job.threads is not None:
         torch.set_num_threads(job.threads)
     out = Path(job.config.out_dir)
@@ -208,6 +232,10 @@ def _train_job(job: _Job) -> TrainResult:
     logger.propagate = not job.progress  # a CLI's root handler would print each line twice
     try:
         result = train(cfg)
+    except TrainingDiverged as exc:
+        logger.info("%s", exc)
+        result = Diverged(exc.iteration, str(exc))
+        write_json(out / DIVERGED_NAME, {"config": _as_saved(cfg), **dataclasses.asdict(result)})
     finally:
         for handler in handlers:
             logger.removeHandler(handler)
@@ -220,9 +248,9 @@ def _train_job(job: _Job) -> TrainResult:
 
 
 class Finished(NamedTuple):
-    """A trial's result, and how the session that trained it ran."""
+    """A trial's result (or divergence), and how the session that trained it ran."""
     trial: Trial
-    result: TrainResult
+    result: TrainResult | Diverged
     torch_threads: int | None  # of the session that finished it; None: not recorded
     concurrent_runs: int | None  # runs that session trained at once, this one included
     reused: bool  # its result was read from its directory, not trained by this driver
@@ -262,7 +290,9 @@ class Driver:
     def __enter__(self) -> Driver:
         for trial in self.trials:
             if trial.out_dir in self._finished:
-                self._say(trial, f"reused {trial.out_dir / RESULT_NAME}")
+                diverged = isinstance(self._finished[trial.out_dir].result, Diverged)
+                saved = DIVERGED_NAME if diverged else RESULT_NAME
+                self._say(trial, f"reused {trial.out_dir / saved}")
         if self.workers > 1 and self._pending:
             pool = self._stack.enter_context(worker_pool(min(self.workers, len(self._pending))))
             threads = threads_per_job(len(self._pending), self.workers, torch.get_num_threads())
@@ -288,12 +318,13 @@ class Driver:
         if self.progress:
             print(self._prefix(trial) + message, file=sys.stderr, flush=True)
 
-    def _record(self, trial: Trial, result: TrainResult) -> Finished:
+    def _record(self, trial: Trial, result: TrainResult | Diverged) -> Finished:
         finished = Finished(trial, result, *_session_of(trial), reused=False)
         self._finished[trial.out_dir] = finished
         done = sum(not f.reused for f in self._finished.values())
-        self._say(trial, f"done, val loss {result.final_val_loss:.4f} ({done} of "
-                         f"{len(self._pending)} trained)")
+        outcome = (f"diverged at iteration {result.iteration}" if isinstance(result, Diverged)
+                   else f"done, val loss {result.final_val_loss:.4f}")
+        self._say(trial, f"{outcome} ({done} of {len(self._pending)} trained)")
         return finished
 
     def result(self, trial: Trial) -> Finished:

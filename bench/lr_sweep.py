@@ -15,6 +15,10 @@ stopped, mid-run included. The rows go to the results file after each run, atomi
 read. A run whose row the file holds already is not trained again (rows are matched by
 optimizer, lr, weight decay, settings, seed and iterations, so a results file is for one
 base configuration). A full sweep takes hours on a 2-core CPU.
+
+A run that diverges (a loss or gradient that is not finite, as at too high an lr) is a row
+too: ``diverged`` true, ``diverged_at`` the iteration, and null losses, evals, timing and
+state bytes; the best point and the ablations' summary leave it out.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import Sequence
 
 from bench import experiments
-from bench.experiments import Driver, Run
+from bench.experiments import Diverged, Driver, Run
 from bench.results import environment, read_results, results_document
 from memeff import cli
 from memeff.io import write_json
@@ -111,12 +115,14 @@ class GridRow:
     max_iters: int
     git_commit: str | None  # the code that trained it (rows of a file come from many runs)
     git_dirty: bool | None
-    final_train_loss: float
-    final_val_loss: float
-    final_val_loss_whole_split: float
+    diverged: bool  # it stopped at a non-finite loss or gradient: no losses, evals or timing
+    diverged_at: int | None  # the iteration it stopped at
+    final_train_loss: float | None
+    final_val_loss: float | None
+    final_val_loss_whole_split: float | None
     evals: list[dict]
     median_ms_per_iter: float | None
-    optimizer_state_bytes: int
+    optimizer_state_bytes: int | None
     torch_threads: int
 
 
@@ -134,10 +140,11 @@ def run_key(row: dict) -> str:
 
 
 def best_per_optimizer(rows: list[dict]) -> dict:
-    """The grid row with the lowest final val loss per optimizer (ablations left out)."""
+    """The grid row with the lowest final val loss per optimizer (ablations and runs that
+    diverged left out)."""
     best = {}
     for row in rows:
-        if row.get("variant"):
+        if row.get("variant") or row.get("diverged"):
             continue
         current = best.get(row["optimizer"])
         if current is None or row["final_val_loss"] < current["final_val_loss"]:
@@ -153,7 +160,7 @@ def summary(rows: list[dict]) -> dict:
                                "final_train_loss": r["final_train_loss"],
                                "final_val_loss": r["final_val_loss"],
                                "val_loss_change": r["final_val_loss"] - base["final_val_loss"]}
-                for r in rows if r.get("variant") and base is not None}
+                for r in rows if r.get("variant") and not r.get("diverged") and base is not None}
     return {"best": best, "variants": variants}
 
 
@@ -258,12 +265,19 @@ def _train_missing(plan: list[dict], rows: list[dict], out: Path, seed: int, bas
             result = finished.result
             planned = row_of[finished.trial.run.name]
             row_type = AblationRow if "variant" in planned else GridRow
+            if isinstance(result, Diverged):
+                outcome = dict(diverged=True, diverged_at=result.iteration, final_train_loss=None,
+                               final_val_loss=None, final_val_loss_whole_split=None, evals=[],
+                               median_ms_per_iter=None, optimizer_state_bytes=None)
+            else:
+                outcome = dict(diverged=False, diverged_at=None,
+                               final_train_loss=result.final_train_loss,
+                               final_val_loss=result.final_val_loss,
+                               final_val_loss_whole_split=result.final_val_loss_whole_split,
+                               evals=result.evals, median_ms_per_iter=result.median_ms_per_iter,
+                               optimizer_state_bytes=result.optimizer_state_bytes)
             rows.append(dataclasses.asdict(row_type(
-                **planned, git_commit=env["git_commit"], git_dirty=env["git_dirty"],
-                final_train_loss=result.final_train_loss, final_val_loss=result.final_val_loss,
-                final_val_loss_whole_split=result.final_val_loss_whole_split,
-                evals=result.evals, median_ms_per_iter=result.median_ms_per_iter,
-                optimizer_state_bytes=result.optimizer_state_bytes,
+                **planned, git_commit=env["git_commit"], git_dirty=env["git_dirty"], **outcome,
                 torch_threads=finished.torch_threads)))
             document = results_document("lr_sweep", "full", env, [seed], config, rows)
             document["summary"] = summary(rows)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.experiments import Driver, Run, plan
+from bench.experiments import Diverged, Driver, Run, plan
 from memeff.optim.registry import OPTIMIZER_NAMES, REGISTRY
 from memeff.sample import sample_text
 from memeff.train import TrainConfig
@@ -142,6 +142,11 @@ def train_and_record(benchmark, record, device, profile, label, driver):
     finished = []
     benchmark.pedantic(lambda: finished.extend(driver.result(t) for t in trials),
                        rounds=1, iterations=1)
+    diverged = [f"seed {f.trial.seed}: {f.result.message}" for f in finished
+                if isinstance(f.result, Diverged)]
+    if diverged:  # at its tuned settings a run must train: its row would hold no losses
+        pytest.fail(f"{label} diverged ({'; '.join(diverged)}); its tuned settings in the "
+                    f"registry need a lower lr", pytrace=False)
     sample = sample_text(trials[0].out_dir, device=device.type, **SAMPLE)[0]
     for trial, (_, result, threads, concurrent_runs, _) in zip(trials, finished):
         assert result.final_val_loss < result.evals[0]["val_loss"], "training did not learn"

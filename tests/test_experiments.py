@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench import experiments
-from bench.experiments import Driver, Run, plan, threads_per_job, train_all
+from bench.experiments import Diverged, Driver, Run, plan, threads_per_job, train_all
 from memeff import checkpoint
 from memeff.train import TrainConfig
 
@@ -182,3 +182,36 @@ def test_a_result_from_an_older_memeff_is_a_clear_error(tmp_path):
     path.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="older memeff and lacks final_val_loss_whole_split"):
         Driver([finished.trial])
+
+
+# lr 1e6: the first step overflows the next forward, whose loss is nan (iteration 1)
+TOO_FAST = Run("too-fast", "adamw", {"learning_rate": 1e6, "warmup_iters": 0})
+DIVERGED = Diverged(iteration=1, message="training diverged at iteration 1: the loss is nan; try "
+                                         "a lower --learning-rate")
+
+
+def test_a_diverged_run_is_an_outcome_kept_in_its_directory(tmp_path, monkeypatch, capsys):
+    (finished,) = train_all(plan([TOO_FAST], [1], TINY, tmp_path))
+    assert finished.result == DIVERGED and not finished.reused
+    err = capsys.readouterr().err
+    assert "[1/1] too-fast seed 1: diverged at iteration 1 (1 of 1 trained)" in err
+    out = finished.trial.out_dir
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "ckpt.pt", "diverged.json",
+                                                     "session.json", "train.log"]
+    saved = json.loads((out / "diverged.json").read_text())  # strict JSON: no NaN
+    assert (saved["iteration"], saved["message"]) == (1, DIVERGED.message)
+    assert "training diverged at iteration 1" in (out / "train.log").read_text()
+
+    monkeypatch.setattr(experiments, "train", lambda cfg: pytest.fail("retrained a diverged run"))
+    (again,) = train_all(plan([TOO_FAST], [1], TINY, tmp_path))
+    assert again.result == DIVERGED and again.reused
+    assert "[1/1] too-fast seed 1: reused " in capsys.readouterr().err
+    changed = Run("too-fast", "adamw", {"learning_rate": 1e5, "warmup_iters": 0})
+    with pytest.raises(ValueError, match=r"diverged.json is a run with another configuration"):
+        Driver(plan([changed], [1], TINY, tmp_path))
+
+
+def test_a_worker_returns_a_diverged_run_like_a_finished_one(tmp_path):
+    trials = plan([TOO_FAST, Run("adamw", "adamw")], [1], TINY, tmp_path)
+    diverged, finished = train_all(trials, workers=2, progress=False)
+    assert diverged.result == DIVERGED and finished.result.iters_run == 8

@@ -1,6 +1,7 @@
 """The learning-rate sweep's bookkeeping on a tiny model: rows written as runs finish,
 finished runs never redone, interrupted ones resumed, the ablation plan, where it writes."""
 
+import json
 import subprocess
 
 import pytest
@@ -93,6 +94,34 @@ def test_workers_must_be_positive(tmp_path, where):
     with pytest.raises(ValueError, match="workers"):
         lr_sweep.sweep(["adamw"], tmp_path / "x.json", **GRID, workers=0, **where)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_diverged_point_is_a_row_with_null_losses_outside_the_best(tmp_path, where, trainings):
+    out = tmp_path / "lr_sweep.json"
+    document = lr_sweep.sweep(["adamw"], out, seed=1, lrs=[1e-3, 1e6], weight_decays=[0.1], **where)
+    finished, diverged = document["rows"]
+    assert (finished["diverged"], finished["diverged_at"]) == (False, None)
+    assert (diverged["diverged"], diverged["diverged_at"]) == (True, 1)
+    assert diverged["learning_rate"] == 1e6 and diverged["evals"] == []
+    assert all(diverged[key] is None for key in ("final_train_loss", "final_val_loss",
+                                                 "final_val_loss_whole_split",
+                                                 "median_ms_per_iter", "optimizer_state_bytes"))
+    assert json.loads(out.read_text(), parse_constant=pytest.fail) == document  # strict JSON
+    assert document["summary"]["best"]["adamw"]["learning_rate"] == 1e-3
+    assert lr_sweep.sweep(["adamw"], out, seed=1, lrs=[1e6], weight_decays=[0.1],
+                          **where)["rows"] == document["rows"]
+    assert len(trainings) == 2  # the diverged point was not trained again
+
+
+def test_the_summary_leaves_diverged_rows_out():
+    diverged = dict(diverged=True, diverged_at=7)  # with null losses
+    rows = [grid_row(1e-2, 0.0, 2.0), grid_row(1e-1, 0.0, None, **diverged),
+            grid_row(1e-2, 0.0, 1.8, variant="beta2-0.95"),
+            grid_row(1e-2, 0.0, None, variant="eps-1e-12", **diverged)]
+    summary = lr_sweep.summary(rows)
+    assert summary["best"]["adamsn"]["learning_rate"] == 1e-2
+    assert list(summary["variants"]) == ["beta2-0.95"]
+    assert lr_sweep.best_per_optimizer(rows[1:2]) == {}
 
 
 def test_the_grid_plan_covers_each_weight_decay_once():
