@@ -6,9 +6,10 @@ Live bytes are counted per storage, so two views of one buffer are counted once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
+import torch.nn as nn
 
 
 def kv_cache_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype) -> int:
@@ -23,21 +24,37 @@ def kv_cache_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype) ->
     return 2 * config.n_layer * batch_size * seq_len * config.n_kv_head * head_dim * itemsize
 
 
-def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the storages behind ``tensors``, each storage counted once; of a DTensor,
-    the part this process holds."""
-    from memeff.optim.sharding import local
-
-    seen: set[tuple[torch.device, int]] = set()
+def tensor_bytes(tensors: Iterable[torch.Tensor], *,
+                 excluding: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the storages behind ``tensors``, each storage counted once and none of
+    those behind ``excluding``; of a DTensor, the part this process holds; of another tensor
+    subclass (torchao's quantized optimizer state), the plain tensors it is made of."""
+    seen = {_storage_key(t) for t in _plain_tensors(excluding)}
     total = 0
-    for t in tensors:
-        t = local(t)
-        storage = t.untyped_storage()
-        key = (t.device, storage.data_ptr())
+    for t in _plain_tensors(tensors):
+        key = _storage_key(t)
         if key not in seen:
             seen.add(key)
-            total += storage.nbytes()
+            total += t.untyped_storage().nbytes()
     return total
+
+
+def _storage_key(t: torch.Tensor) -> tuple[torch.device, int]:
+    return t.device, t.untyped_storage().data_ptr()
+
+
+def _plain_tensors(tensors: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``tensors`` with each DTensor replaced by its local part and each other subclass
+    by the inner tensors its ``__tensor_flatten__`` names, recursively."""
+    from memeff.optim.sharding import local
+
+    for t in tensors:
+        t = local(t)
+        if not hasattr(t, "__tensor_flatten__"):  # a plain tensor (or parameter)
+            yield t
+        else:
+            inner_names, _ = t.__tensor_flatten__()
+            yield from _plain_tensors(getattr(t, name) for name in inner_names)
 
 
 def cache_bytes(cache) -> int:
@@ -45,15 +62,39 @@ def cache_bytes(cache) -> int:
     return tensor_bytes(cache.tensors())
 
 
+def state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    """Every tensor ``optimizer.state`` holds, however deep: in dicts, lists and tuples, and
+    in the attributes of other objects (GaLore's and APOLLO's projectors). Modules and
+    optimizers are not entered (they hold parameters, not state)."""
+    seen: set[int] = set()
+
+    def walk(value) -> Iterator[torch.Tensor]:
+        if isinstance(value, torch.Tensor):
+            yield value
+            return
+        if isinstance(value, (str, bytes, int, float, complex, bool, type(None),
+                              nn.Module, torch.optim.Optimizer)) or id(value) in seen:
+            return
+        seen.add(id(value))
+        if isinstance(value, dict):
+            items = value.values()
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            items = value
+        else:
+            items = getattr(value, "__dict__", {}).values()
+        for item in items:
+            yield from walk(item)
+
+    for param_state in optimizer.state.values():
+        yield from walk(param_state)
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Measured bytes of every tensor in ``optimizer.state`` (``step`` tensors included),
-    held by this process."""
-    return tensor_bytes(
-        value
-        for param_state in optimizer.state.values()
-        for value in param_state.values()
-        if isinstance(value, torch.Tensor)
-    )
+    """Measured bytes of every tensor ``optimizer.state`` holds (:func:`state_tensors`:
+    ``step`` tensors, quantization codes, scales and maps, projectors), held by this
+    process, each storage counted once and none shared with a parameter."""
+    params = (p for group in optimizer.param_groups for p in group["params"])
+    return tensor_bytes(state_tensors(optimizer), excluding=params)
 
 
 def expected_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -61,10 +102,13 @@ def expected_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
     Each parameter is counted by its optimizer's formula in :mod:`memeff.optim.registry`
     (the one the optimizer's docstring writes out), from shapes and dtypes, ``step``
-    tensors included, so it equals :func:`state_bytes` after a step in which every
+    tensors included, plus what the optimizer holds once for all of them (bitsandbytes'
+    shared quantization maps), so it equals :func:`state_bytes` after a step in which every
     parameter had a gradient.
     """
-    from memeff.optim.registry import state_formula
+    from memeff.optim.registry import spec_of
 
-    formula = state_formula(optimizer)
-    return sum(formula(group, p) for group in optimizer.param_groups for p in group["params"])
+    spec = spec_of(optimizer)
+    shared = spec.shared_state_bytes(optimizer) if spec.shared_state_bytes else 0
+    return shared + sum(spec.state_bytes(group, p)
+                        for group in optimizer.param_groups for p in group["params"])

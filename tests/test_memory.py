@@ -1,4 +1,4 @@
-"""Analytic KV-cache bytes against the bytes a real cache holds."""
+"""Analytic KV-cache bytes against the bytes a real cache holds; what optimizer state holds."""
 
 from types import SimpleNamespace
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memeff import GPTConfig, KVCache
-from memeff.memory import cache_bytes, kv_cache_bytes, tensor_bytes
+from memeff.memory import cache_bytes, kv_cache_bytes, state_bytes, tensor_bytes
 
 
 @pytest.mark.parametrize("n_head, n_kv_head", [(8, 8), (8, 2), (8, 1), (12, 4)])
@@ -36,3 +36,48 @@ def test_tensor_bytes_counts_each_storage_once():
     views = [base, base[2:], base.T]
     assert tensor_bytes(views) == 400
     assert tensor_bytes([base, torch.zeros(5, dtype=torch.float64)]) == 440
+
+
+# ---- state_bytes: what an optimizer's state really holds ----
+
+class PackedState(torch.Tensor):
+    """A wrapper tensor subclass as torchao's quantized optimizer state: codes and scales."""
+
+    @staticmethod
+    def __new__(cls, codes, scale):
+        return torch.Tensor._make_wrapper_subclass(cls, codes.shape, dtype=torch.float32)
+
+    def __init__(self, codes, scale):
+        self.codes, self.scale = codes, scale
+
+    def __tensor_flatten__(self):
+        return ["codes", "scale"], None
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(f"PackedState does not run {func}")
+
+
+class Projector:
+    """A projector held as an object in the state, as GaLore's and APOLLO's."""
+
+    def __init__(self, matrix):
+        self.ortho_matrix = matrix
+        self.rank = matrix.shape[0]
+        self.itself = self  # a cycle the walk must not follow forever
+
+
+def test_state_bytes_walks_containers_objects_and_subclasses_counting_each_storage_once():
+    param = torch.nn.Parameter(torch.zeros(10))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    shared = torch.zeros(16)  # 64 bytes, referred to three times
+    optimizer.state[param] = {
+        "step": 3,  # a Python number holds no tensor bytes
+        "moments": [torch.zeros(5), (torch.zeros(2, dtype=torch.float64),)],  # 20 + 16
+        "nested": {"a": torch.zeros(7, dtype=torch.uint8), "view": shared[4:]},  # 7 + 64
+        "projector": Projector(torch.zeros(3, 4)),  # 48
+        "quantized": PackedState(torch.zeros(8, dtype=torch.uint8), shared),  # 8 (+ shared)
+        "shared": shared,
+        "the_param_itself": param.data[2:],  # a view of the param: not state
+    }
+    assert state_bytes(optimizer) == 20 + 16 + 7 + 64 + 48 + 8
