@@ -92,7 +92,7 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float = 1e-3,
     groups = [{"params": params, "kind": kind[key], "weight_decay": decay[kind[key]],
                **group_hparams.get(key, {})}
               for key, params in named.items() if params]
-    return optimizer_spec.build(groups, lr=lr, **settings)
+    return optimizer_spec.build(groups, model=model, lr=lr, **settings)
 
 
 def build_optimizer_for_tensors(name: str, params, **settings) -> torch.optim.Optimizer:
