@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import operator
 import sys
 from typing import Callable, NoReturn, Sequence
 
@@ -34,6 +35,20 @@ def check_device(text: str) -> torch.device:
             raise ValueError(f"device {text!r}, but torch sees {torch.cuda.device_count()} GPU(s); "
                              f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+SEED_RANGE = (-2**63, 2**64 - 1)  # torch.manual_seed and Generator.manual_seed (negatives mod 2**64)
+
+
+def check_seed(seed, name: str) -> None:
+    """A ValueError naming ``name`` unless ``seed`` is an integer torch takes as a seed."""
+    try:
+        value = None if isinstance(seed, bool) else operator.index(seed)  # numpy ints too
+    except TypeError:
+        value = None
+    if value is None or not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise ValueError(f"{name} must be an integer from -2**63 to 2**64 - 1, the seeds "
+                         f"torch takes; got {seed!r}")
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:

@@ -13,8 +13,6 @@ from memeff import cli
 from memeff.data import bpe_codec, char_codec
 from memeff.model import GPT, GPTConfig, is_integer
 
-SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # the seeds torch.manual_seed takes
-
 
 def load_checkpoint(path: str | Path, device: str = "cpu"):
     """The model and its text codec (encode, decode) from a checkpoint file or directory."""
@@ -39,9 +37,7 @@ def sample_text(checkpoint: str | Path, prompt: str = "\n", max_new_tokens: int 
     cli.check_device(device)
     if not is_integer(num_samples) or num_samples <= 0:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if not is_integer(seed) or not SEED_MIN <= seed <= SEED_MAX:
-        raise ValueError(f"seed (--seed) must be an integer from -2**63 to 2**64 - 1, the "
-                         f"seeds torch takes; got {seed!r}")
+    cli.check_seed(seed, "seed (--seed)")
     model, encode, decode = load_checkpoint(checkpoint, device)
     ids = encode(prompt)
     if not ids:

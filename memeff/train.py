@@ -66,8 +66,6 @@ log = logging.getLogger(__name__)
 
 RESULT_NAME = "result.json"
 EXIT_DIVERGED = 3  # the CLI's exit status when training diverged (2: bad input)
-# the seeds torch.manual_seed and torch.Generator.manual_seed take (a negative one modulo 2**64)
-SEED_RANGE = (-2**63, 2**64 - 1)
 # fields that may differ between a checkpoint and the run that resumes it
 RESUME_MAY_CHANGE = ("out_dir", "resume", "log_interval")
 
@@ -161,9 +159,7 @@ class TrainConfig:
         if self.device_type() not in ("cpu", "cuda"):
             raise ValueError(f"TrainConfig.device must be 'cpu', 'cuda' or 'cuda:N', "
                              f"got {self.device!r}")
-        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            raise ValueError(f"TrainConfig.seed (--seed) must be an integer from -2**63 to "
-                             f"2**64 - 1, the seeds torch takes; got {self.seed!r}")
+        cli.check_seed(self.seed, "TrainConfig.seed (--seed)")
         if self.resume and self.out_dir is None:
             raise ValueError("TrainConfig.resume needs out_dir, the directory holding the checkpoint")
         self.model_config(vocab_size=1)  # checks the model fields now, before any work
