@@ -26,6 +26,7 @@ from memeff.io import atomic_write
 CHECKPOINT_NAME = "ckpt.pt"
 SHARDED_NAME = "ckpt.dcp"
 SHARDED_META = "meta.pt"  # in a sharded checkpoint: everything but the model and optimizer
+OPTIMIZER_SAVED = "optimizer_saved"  # in meta.pt: False before the optimizer's first step
 WEIGHTS = ("model", "optimizer")
 REQUIRED_KEYS = (*WEIGHTS, "iter", "train_config", "model_config", "dataset",
                  "chars", "evals", "batch_generator")
@@ -108,7 +109,8 @@ def save_sharded(run_dir: str | os.PathLike, model: torch.nn.Module,
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                         get_optimizer_state_dict)
 
     run_dir = Path(run_dir)
     final, tmp, old = _sharded_paths(run_dir)
@@ -116,10 +118,15 @@ def save_sharded(run_dir: str | os.PathLike, model: torch.nn.Module,
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+    weights = {"model": get_model_state_dict(model)}
+    # an optimizer that has not stepped has no state to save; asked for its state dict,
+    # torch would first take a step with zero gradients and lr 0 to create it
+    has_state = bool(optimizer.state)
+    if has_state:
+        weights["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    dcp.save(weights, checkpoint_id=tmp)
     if is_main:
-        save(tmp / SHARDED_META, state)
+        save(tmp / SHARDED_META, {**state, OPTIMIZER_SAVED: has_state})
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
@@ -128,10 +135,19 @@ def save_sharded(run_dir: str | os.PathLike, model: torch.nn.Module,
     dist.barrier()
 
 
-def load_sharded(run_dir: str | os.PathLike, model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Load ``run_dir``'s sharded checkpoint into ``model`` (and ``optimizer``) and return
-    the rest of it (:func:`save_sharded`'s ``state``).
+def load_sharded_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Everything in ``run_dir``'s sharded checkpoint but the model and optimizer state
+    (:func:`save_sharded`'s ``state``)."""
+    final = sharded_dir(run_dir)
+    if not final.is_dir():
+        raise FileNotFoundError(f"no sharded checkpoint at {final}; train with --parallel fsdp "
+                                f"and --out-dir first")
+    return load(final / SHARDED_META, required=(*REQUIRED_KEYS[len(WEIGHTS):], OPTIMIZER_SAVED))
+
+
+def load_sharded_weights(run_dir: str | os.PathLike, model: torch.nn.Module,
+                         optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load ``run_dir``'s sharded checkpoint into ``model`` (and ``optimizer``).
 
     Under FSDP2 each rank reads its shards; a plain model in a single process (as
     ``memeff.sample`` builds) reads the whole weights.
@@ -140,18 +156,16 @@ def load_sharded(run_dir: str | os.PathLike, model: torch.nn.Module,
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     final = sharded_dir(run_dir)
-    meta = load(final / SHARDED_META, required=REQUIRED_KEYS[len(WEIGHTS):])
-    if optimizer is None:
+    if optimizer is None or not load_sharded_meta(run_dir)[OPTIMIZER_SAVED]:
         weights = {"model": model.state_dict()}
         dcp.load(weights, checkpoint_id=final, no_dist=not _in_process_group())
         model.load_state_dict(weights["model"])
-        return meta
+        return
     model_state, optimizer_state = get_state_dict(model, optimizer)
     weights = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(weights, checkpoint_id=final)
     set_state_dict(model, optimizer, model_state_dict=weights["model"],
                    optim_state_dict=weights["optimizer"])
-    return meta
 
 
 def _sharded_paths(run_dir: Path) -> tuple[Path, Path, Path]:

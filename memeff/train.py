@@ -68,6 +68,7 @@ RESULT_NAME = "result.json"
 EXIT_DIVERGED = 3  # the CLI's exit status when training diverged (2: bad input)
 # fields that may differ between a checkpoint and the run that resumes it
 RESUME_MAY_CHANGE = ("out_dir", "resume", "log_interval")
+PARALLEL_MODES = ("ddp", "fsdp")
 
 
 def _arg(default: Any, help: str, **kwargs) -> Any:
@@ -121,6 +122,9 @@ class TrainConfig:
     log_interval: int = _arg(100, "iterations between progress lines")
     seed: int = _arg(1337, "seed of the weights, batches and dropout")
     device: str = _arg("cpu", "cpu, cuda or cuda:N")
+    parallel: str = _arg("ddp", "how torchrun's processes share the model: ddp (each holds "
+                                "all weights and optimizer state) or fsdp (FSDP2: each holds "
+                                "1/N of them)", choices=PARALLEL_MODES)
     out_dir: str | None = _arg(None, "directory for the checkpoint and result.json "
                                      "(default: write nothing)")
     resume: bool = _arg(False, "continue the run whose checkpoint is in --out-dir")
@@ -152,6 +156,9 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if getattr(self, name) is not None and not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"TrainConfig.parallel must be one of {', '.join(PARALLEL_MODES)}, "
+                             f"got {self.parallel!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"TrainConfig.dataset must be one of {', '.join(DATASETS)}, "
                              f"got {self.dataset!r}")
@@ -324,10 +331,13 @@ def split_loss(model: GPT, ids: torch.Tensor, block_size: int, device: str | tor
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> str:
     """The fields, other than :data:`RESUME_MAY_CHANGE`, in which two run configurations
-    (as dicts) differ, as "name: saved X vs now Y, ..."; empty if they are the same run."""
-    return ", ".join(f"{name}: saved {saved.get(name)!r} vs now {value!r}"
+    (as dicts) differ, as "name: saved X vs now Y, ..."; empty if they are the same run.
+    A field the saved configuration lacks (one added since) counts as its default."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    return ", ".join(f"{name}: saved {saved.get(name, defaults.get(name))!r} vs now {value!r}"
                      for name, value in current.items()
-                     if name not in RESUME_MAY_CHANGE and saved.get(name) != value)
+                     if name not in RESUME_MAY_CHANGE
+                     and saved.get(name, defaults.get(name)) != value)
 
 
 def _check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
@@ -348,8 +358,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     rank returns the same result, with rank 0's timings and evaluations.
     """
     cli.check_device(cfg.device)
-    if cfg.resume and not (Path(cfg.out_dir) / CHECKPOINT_NAME).is_file():
-        raise FileNotFoundError(f"cannot resume: no checkpoint at {Path(cfg.out_dir) / CHECKPOINT_NAME}")
+    if cfg.resume and not _checkpoint_path(cfg).exists():
+        raise FileNotFoundError(f"cannot resume: no checkpoint at {_checkpoint_path(cfg)}")
     with distributed.process_group(torch.device(cfg.device).type):
         device = distributed.local_device(torch.device(cfg.device))
         cuda_devices = [device] if device.type == "cuda" else []
@@ -361,17 +371,36 @@ def train(cfg: TrainConfig) -> TrainResult:
             return _train(cfg, device)
 
 
+def _checkpoint_path(cfg: TrainConfig) -> Path:
+    """``ckpt.pt``, or the ``ckpt.dcp`` directory of a sharded run, in ``cfg.out_dir``."""
+    if cfg.parallel == "fsdp":
+        return checkpoints.sharded_dir(cfg.out_dir)
+    return Path(cfg.out_dir) / CHECKPOINT_NAME
+
+
 def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
     rank, world_size = distributed.rank(), distributed.world_size()
     is_main = rank == 0
-    checkpoint_path = Path(cfg.out_dir) / CHECKPOINT_NAME if cfg.out_dir else None
+    sharded = cfg.parallel == "fsdp"
+    if sharded and world_size == 1:
+        raise ValueError("--parallel fsdp shards the model over torchrun's processes; launch "
+                         "with torchrun --nproc_per_node N (N >= 2), or train one process "
+                         "without --parallel fsdp")
+    checkpoint_path = _checkpoint_path(cfg) if cfg.out_dir else None
     checkpoint = None
-    if checkpoint_path is not None and not cfg.resume and checkpoint_path.exists():
-        raise ValueError(f"{checkpoint_path} already exists; pass --resume to continue that run, "
-                         f"or choose another --out-dir")
+    if checkpoint_path is not None and not cfg.resume:
+        for existing in (Path(cfg.out_dir) / CHECKPOINT_NAME, checkpoints.sharded_dir(cfg.out_dir)):
+            if existing.exists():
+                raise ValueError(f"{existing} already exists; pass --resume to continue that "
+                                 f"run, or choose another --out-dir")
     if cfg.resume:
-        checkpoints.remove_stale_temporaries(cfg.out_dir)
-        checkpoint = checkpoints.load(checkpoint_path)
+        if is_main:
+            checkpoints.remove_stale_temporaries(cfg.out_dir)
+        if world_size > 1:
+            dist.barrier()  # the others read the checkpoint rank 0 may have just restored
+        # a sharded checkpoint's weights are read once the model is sharded, below
+        checkpoint = (checkpoints.load_sharded_meta(cfg.out_dir) if sharded
+                      else checkpoints.load(checkpoint_path))
         _check_resumable(checkpoint["train_config"], cfg)
         saved_world_size = checkpoint.get("world_size", 1)
         if saved_world_size != world_size:
@@ -394,6 +423,8 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
                              f"takes block_size + 1 of them: use --block-size {len(ids) - 1} "
                              f"or less") from None
     model = GPT(cfg.model_config(data.vocab_size)).to(device)
+    if sharded:  # every rank shards the same initial weights (the same seed)
+        distributed.shard_model(model, device.type)
     optimizer = build_optimizer(cfg.optimizer, model, lr=cfg.learning_rate,
                                 **cfg.optimizer_settings())
     # every group's lr follows the schedule from its own peak (build_optimizer's group_hparams)
@@ -404,8 +435,11 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
     evals: list[dict[str, float]] = []
     start_iter = 0
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        if sharded:
+            checkpoints.load_sharded_weights(cfg.out_dir, model, optimizer)
+        else:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         batch_generator.set_state(checkpoint["batch_generator"])
         torch.set_rng_state(checkpoint["rng_states"][rank])  # dropout: one state per rank
@@ -416,20 +450,21 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
         if is_main:
             log.info("resumed from %s at iteration %d", checkpoint_path, start_iter)
     # Constructing DDP is a collective, so every rank has passed the checks above before
-    # rank 0 can write a checkpoint; it also broadcasts rank 0's weights.
+    # rank 0 can write a checkpoint; it also broadcasts rank 0's weights. A sharded model
+    # is its own data-parallel wrapper.
     ddp_model = DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None
-    ) if world_size > 1 else model
+    ) if world_size > 1 and not sharded else model
+    # a sharded model's forward is a collective: every rank evaluates (the same batches)
+    evaluates = is_main or sharded
 
     def save_checkpoint(it: int) -> None:
         rng_states = distributed.all_gather(torch.get_rng_state())  # a collective: all ranks
         cuda_rng_states = (distributed.all_gather(torch.cuda.get_rng_state(device))
                            if device.type == "cuda" else None)
-        if not is_main:
+        if not (is_main or sharded):
             return
         state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "iter": it,
             "train_config": asdict(cfg),
@@ -443,7 +478,11 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
         }
         if cuda_rng_states is not None:
             state["cuda_rng_states"] = cuda_rng_states
-        checkpoints.save(checkpoint_path, state)
+        if sharded:  # a collective: every rank writes its shards
+            checkpoints.save_sharded(cfg.out_dir, model, optimizer, state)
+        else:
+            checkpoints.save(checkpoint_path, {"model": model.state_dict(),
+                                               "optimizer": optimizer.state_dict(), **state})
 
     global_batch_size = cfg.batch_size * world_size
     tokens_per_iter = global_batch_size * cfg.block_size * cfg.grad_accum_steps
@@ -453,9 +492,9 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
     while True:
         due = it % cfg.eval_interval == 0 or it == cfg.max_iters
         if due and not (checkpoint is not None and it == start_iter):  # its eval is in evals
-            # rank 0 evaluates and every rank takes its losses, so that on a NaN all stop
+            # rank 0's losses reach every rank, so that on a NaN all stop
             losses = distributed.broadcast_from_main(
-                estimate_loss(model, data, cfg, global_batch_size) if is_main else None)
+                estimate_loss(model, data, cfg, global_batch_size) if evaluates else None)
             # weights that overflow the forward stop here, before they are checkpointed
             _stop_unless_finite(it, {f"evaluation's {split} loss": loss
                                      for split, loss in losses.items()})
@@ -474,14 +513,19 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
             x, y = get_batch(data.train, global_batch_size, cfg.block_size, batch_generator)
             x, y = x[rank_rows], y[rank_rows]  # (batch_size, block_size): this rank's slice
             last = micro_step == cfg.grad_accum_steps - 1
-            # DDP all-reduces (averages) the gradients in the last micro-step's backward only
-            with contextlib.nullcontext() if last or world_size == 1 else ddp_model.no_sync():
+            # the gradients are averaged over the ranks in the last micro-step's backward only
+            if sharded:
+                model.set_requires_gradient_sync(last)
+            with contextlib.nullcontext() if last or world_size == 1 or sharded \
+                    else ddp_model.no_sync():
                 _, loss = ddp_model(x.to(device), y.to(device))
                 (loss / cfg.grad_accum_steps).backward()
             loss_sum += loss.detach()
         # the norm before clipping; max_norm inf leaves the gradients as they are
         grad_norm = torch.nn.utils.clip_grad_norm_(
             model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if sharded:  # the norm over every rank's shards, held by each
+            grad_norm = grad_norm.full_tensor()
         health = torch.stack([loss_sum, grad_norm])
         if world_size > 1:  # the loss is each rank's own: one non-finite makes every sum so
             dist.all_reduce(health)
@@ -502,8 +546,9 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
         it += 1
 
     whole_split_val_loss = None
-    if is_main:
+    if evaluates:
         whole_split_val_loss = split_loss(model, data.val, cfg.block_size, device)
+    if is_main:
         log.info("final val loss over the whole val split (%d tokens): %.4f",
                  len(data.val), whole_split_val_loss)
     whole_split_val_loss = distributed.broadcast_from_main(whole_split_val_loss)
