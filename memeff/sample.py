@@ -15,10 +15,16 @@ from memeff.model import GPT, GPTConfig, is_integer
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu"):
-    """The model and its text codec (encode, decode) from a checkpoint file or directory."""
-    checkpoint = checkpoints.load(path, map_location=device)
-    model = GPT(GPTConfig(**checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["model"])
+    """The model and its text codec (encode, decode) from a checkpoint file or a run
+    directory (holding ``ckpt.pt``, or the ``ckpt.dcp`` of a run sharded with FSDP2)."""
+    if checkpoints.sharded_dir(path).is_dir():
+        checkpoint = checkpoints.load_sharded_meta(path)
+        model = GPT(GPTConfig(**checkpoint["model_config"]))
+        checkpoints.load_sharded_weights(path, model)  # the whole weights, in this process
+    else:
+        checkpoint = checkpoints.load(path, map_location=device)
+        model = GPT(GPTConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["model"])
     model.to(device).eval()
     if checkpoint["dataset"] == "char":
         encode, decode = char_codec(checkpoint["chars"])

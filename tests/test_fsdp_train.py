@@ -18,7 +18,9 @@ import torch.multiprocessing as mp
 
 from memeff import checkpoint as checkpoints
 from memeff import train as train_module
-from memeff.train import TrainConfig, train
+from memeff.sample import load_checkpoint, sample_text
+from memeff.data import load_dataset
+from memeff.train import TrainConfig, split_loss, train
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -96,6 +98,11 @@ def test_a_sharded_run_resumes_from_its_checkpoint_on_the_same_trajectory(tmp_pa
     assert resumed["iters_run"] == 10
     assert resumed["evals"] == uninterrupted["evals"]  # bit-identical, 0 through 20
     assert resumed["final_val_loss_whole_split"] == uninterrupted["final_val_loss_whole_split"]
+    # one process reads the whole final weights from the shards (the checkpoint at 20)
+    model, _, _ = load_checkpoint(run_dir)
+    whole_split = split_loss(model, load_dataset("char").val, model.config.block_size, "cpu")
+    assert whole_split == pytest.approx(resumed["final_val_loss_whole_split"], rel=1e-6)
+    assert len(sample_text(run_dir, prompt="ROMEO:", max_new_tokens=5)[0]) == len("ROMEO:") + 5
 
 
 def test_fsdp_in_one_process_is_a_clear_error():
