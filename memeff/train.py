@@ -25,6 +25,14 @@ Gradients are all-reduced only in the last micro-step's backward. Rank 0 alone e
 and ``result.json``; the optimizer state is replicated on every rank. A single process
 makes no collective calls.
 
+``--parallel fsdp`` shards instead (FSDP2, :func:`memeff.distributed.shard_model`): each
+rank holds 1/N of every weight, gradient and optimizer state along dim 0 (statistics that
+span dim 0 whole), gathering a block's weights for its forward and backward only. The
+batches, schedule, clipping and losses are those of DDP, and agree with one process as
+DDP's do. Every rank evaluates (the forward is a collective) and writes its shards of a
+checkpoint, the directory ``ckpt.dcp`` (``torch.distributed.checkpoint``), which resumes
+with the same number of processes; ``memeff.sample`` reads it whole in one process.
+
 A run stops at the first iteration whose loss, gradient norm or evaluation loss is not
 finite, before the optimizer step or checkpoint that would keep it, and raises
 :class:`TrainingDiverged` (the CLI: one line on stderr and exit status 3). Every rank stops
