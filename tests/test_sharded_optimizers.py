@@ -56,22 +56,27 @@ def _batches():
     return [torch.randint(0, VOCAB, (BATCH, 5), generator=gen) for _ in range(STEPS + 1)]
 
 
-def _run(model, optimizer, rows: slice) -> None:
+def _run(model, optimizer, rows: slice) -> list[float]:
+    """20 steps with the gradients clipped to norm 0.5; the norms before clipping."""
     batches = _batches()
+    norms = []
     for step in range(STEPS):
         x, y = batches[step][rows], batches[step + 1][rows]
         model(x, y).backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        norms.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item())
         optimizer.step()
         optimizer.zero_grad()
+    return norms
 
 
-def _one_process(name: str) -> dict[str, torch.Tensor]:
+def _one_process(name: str) -> tuple[dict[str, torch.Tensor], list[float]]:
     torch.manual_seed(0)
     model = Tiny()
     kwargs = dict(OPTIMIZERS[name])
     optimizer = build_optimizer(kwargs.pop("name"), model, **kwargs)
-    _run(model, optimizer, slice(None))
-    return {k: v.detach().clone() for k, v in model.named_parameters()}
+    norms = _run(model, optimizer, slice(None))
+    return {k: v.detach().clone() for k, v in model.named_parameters()}, norms
 
 
 def _rank_main(rank: int, world_size: int, rendezvous: str, out: str) -> None:
@@ -89,12 +94,12 @@ def _rank_main(rank: int, world_size: int, rendezvous: str, out: str) -> None:
             fully_shard(model)
             kwargs = dict(kwargs)
             optimizer = build_optimizer(kwargs.pop("name"), model, **kwargs)
-            _run(model, optimizer, slice(rank * per_rank, (rank + 1) * per_rank))
+            norms = _run(model, optimizer, slice(rank * per_rank, (rank + 1) * per_rank))
             params = {k: v.full_tensor().detach().clone() for k, v in model.named_parameters()}
             local_bytes = torch.tensor([state_bytes(optimizer), expected_state_bytes(optimizer)])
             gathered = [torch.zeros_like(local_bytes) for _ in range(world_size)]
             dist.all_gather(gathered, local_bytes)
-            results[name] = (params, [tuple(t.tolist()) for t in gathered])
+            results[name] = (params, [tuple(t.tolist()) for t in gathered], norms)
         torch.manual_seed(0)
         model = Tiny()
         fully_shard(model.block)
@@ -124,18 +129,20 @@ def sharded_results(request, tmp_path_factory):
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_sharded_steps_equal_one_process(sharded_results, name):
     _, results = sharded_results
-    sharded, _ = results[name]
-    expected = _one_process(name)
+    sharded, _, sharded_norms = results[name]
+    expected, norms = _one_process(name)
     for key, want in expected.items():
         got = sharded[key]
         error = ((got - want).norm() / want.norm()).item()
         assert error <= 1e-5, f"{name}: {key} differs from one process by {error:.2e} (relative)"
+    # clipping sees the norm of the whole gradient
+    assert sharded_norms == pytest.approx(norms, rel=1e-5) and max(norms) > 0.5
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_per_rank_state_bytes_equal_the_formulas_and_shrink(sharded_results, name):
     world_size, results = sharded_results
-    _, per_rank = results[name]
+    _, per_rank, _ = results[name]
     for live, expected in per_rank:
         assert live == expected
     torch.manual_seed(0)
