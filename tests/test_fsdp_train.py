@@ -2,7 +2,7 @@
 process with the global batch, and resumes from its sharded checkpoint exactly.
 
 The processes are started with torch.multiprocessing and torchrun's environment
-variables, so a test can interrupt a run at an evaluation as a crash would.
+variables, so a test can end a run at an evaluation as a crash would.
 """
 
 from __future__ import annotations
@@ -30,10 +30,6 @@ WORLD_SIZE = 2
 BABY_20 = dict(max_iters=20, eval_interval=10, eval_iters=2, warmup_iters=5)
 
 
-class Interrupted(Exception):
-    pass
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -43,20 +39,17 @@ def _free_port() -> int:
 def _rank(rank: int, port: int, fields: dict, result_file: str, interrupt_at_eval: int | None):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    if interrupt_at_eval is not None:  # every rank evaluates: all stop at the same point
+    if interrupt_at_eval is not None:  # every rank evaluates: all die at the same point
         evaluate, calls = train_module.estimate_loss, []
 
-        def estimate_then_interrupt(*args, **kwargs):
+        def estimate_then_die(*args, **kwargs):
             calls.append(1)
             if len(calls) == interrupt_at_eval:
-                raise Interrupted
+                os._exit(0)  # as a killed process: no cleanup, no result
             return evaluate(*args, **kwargs)
 
-        train_module.estimate_loss = estimate_then_interrupt
-    try:
-        result = train(TrainConfig(**fields))
-    except Interrupted:
-        return
+        train_module.estimate_loss = estimate_then_die
+    result = train(TrainConfig(**fields))
     if rank == 0:
         Path(result_file).write_text(json.dumps(result.to_dict()))
 
