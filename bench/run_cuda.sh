@@ -4,7 +4,8 @@
 #   bash bench/run_cuda.sh            # from any directory; extra arguments go to pytest
 #
 # Needs python with a CUDA build of torch, pytest and pytest-benchmark (memeff is imported
-# from this checkout, nothing is installed). KV cache, optimizer state and step time run
+# from this checkout, nothing is installed). KV cache, optimizer state, step time and
+# sharded (FSDP2 over nccl, one process per GPU: world sizes above the GPU count skip) run
 # the full profile; training runs the default one (one seed of AdamW, AdamSN and Adafactor)
 # and needs Tiny Shakespeare: MEMEFF_DATA_DIR, else ../shared/data, else a download. Each
 # suite has a time limit; a suite that fails or runs out of time writes nothing, and the
@@ -35,6 +36,7 @@ suite() {  # suite TIME_LIMIT_S PROFILE MODULE [pytest args...]
 suite 120 full bench/test_kv_cache.py "$@"
 suite 90 full bench/test_optimizer_state.py "$@"
 suite 90 full bench/test_step_time.py "$@"
+suite 120 full bench/test_sharded.py "$@"
 suite 150 default bench/test_training.py "$@"
 ls -l results/cuda 2>/dev/null
 exit $status
