@@ -39,7 +39,8 @@ from memeff import cli
 from memeff.optim.registry import BASELINE, OPTIMIZER_NAMES, REGISTRY, label, spec
 
 REPO = Path(__file__).resolve().parents[1]
-SUITES = ("kv_cache", "optimizer_state", "step_time", "training", "training_bpe", "lr_sweep")
+SUITES = ("kv_cache", "optimizer_state", "step_time", "training", "training_bpe", "lr_sweep",
+          "sharded")
 COMPARED_PROFILES = ("default", "quick")  # the user's own runs, for --compare
 MARKER = re.compile(r"<!-- results:([\w-]+) -->.*?<!-- /results:\1 -->", re.DOTALL)
 
@@ -69,6 +70,7 @@ def check_finite(value: Any, source: str, where: str = "") -> None:
 Kind = tuple[str, Callable[[Any], bool]]  # (what a value should be, whether it is)
 NUMBER: Kind = ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
 INTEGER: Kind = ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))
+BOOLEAN: Kind = ("true or false", lambda v: isinstance(v, bool))
 TEXT: Kind = ("a string", lambda v: isinstance(v, str))
 OBJECT: Kind = ("an object", lambda v: isinstance(v, dict))
 LIST: Kind = ("a list", lambda v: isinstance(v, list))
@@ -122,6 +124,21 @@ READ_FIELDS = {  # suite -> the fields the report reads from a file of its curre
                                       "n_kv_head": INTEGER, "seq_len": INTEGER,
                                       "time_ratio_to_mha": NUMBER, "bytes_ratio_to_mha": NUMBER},
             "decode_faster_attention_by_dtype?": {"*": OBJECT}}},
+    "sharded": {
+        "config": {"equivalence_steps": INTEGER, "exact_tolerance": NUMBER,
+                   "exact_rounding_factor": NUMBER},
+        "rows[]": {"model": TEXT, "optimizer": OPTIMIZER, "world_size": INTEGER, "works": BOOLEAN,
+                   "error?": TEXT, "n_params": INTEGER, "batch_per_rank": INTEGER,
+                   "block_size": INTEGER, "threads_per_rank": INTEGER, "cpu_cores": INTEGER,
+                   "state_bytes_per_rank[]?": INTEGER, "analytic_state_bytes_per_rank[]?": INTEGER,
+                   "step_peak_bytes_per_rank[]?": INTEGER,
+                   "step_median_s_per_rank[]?": NUMBER, "collective_share_per_rank[]?": NUMBER,
+                   "step_time_ratio?": NUMBER, "max_param_rel_diff?": NUMBER,
+                   "micro_batch_rel_diff?": NUMBER,
+                   "step_peak_method?": TEXT, "collective_method": TEXT},
+        "summary": {"<optimizer>": {"works": BOOLEAN, "exact": BOOLEAN,
+                                    "max_param_rel_diff?": NUMBER,
+                                    "micro_batch_rel_diff?": NUMBER, "world_sizes[]": INTEGER}}},
     "lr_sweep": {
         "config": {"max_iters": INTEGER, "base": {"eval_iters": INTEGER},
                    "variant_of?": OPTIMIZER},
@@ -369,6 +386,7 @@ def headline_block(results: dict[str, dict], data_link: Callable[[str], str]) ->
     summary, first, base = training["summary"], first_rows(training), training["config"]["base"]
     step = current(results, "step_time")
     models = sorted(step["summary"]) if step else []
+    sharded = current(results, "sharded")
     adamw_run = tuned_run(training, BASELINE)
     adamw_state = summary[adamw_run]["optimizer_state_bytes"] if adamw_run else None
 
@@ -389,11 +407,12 @@ def headline_block(results: dict[str, dict], data_link: Callable[[str], str]) ->
                          num(entry["ratio_to_adamw"], ".2f", f"step_time {model} {name}") + "x")
         if not models:
             cells.append("not yet measured")
+        cells.append(fsdp_cell(sharded, name))
         rows.append(cells)
     step_header = ([f"step time / {label(BASELINE)}, {m}" for m in models] if models
                    else [f"step time / {label(BASELINE)}"])
     parts = [table(["optimizer", "final val loss, whole split", f"optimizer state, % of {label(BASELINE)}",
-                    *step_header], rows, "lrr" + "r" * len(step_header))]
+                    *step_header, "works under FSDP2"], rows, "lrr" + "r" * len(step_header) + "l")]
 
     layout_rows = []
     for run in headline_labels(training):
@@ -418,8 +437,39 @@ def headline_block(results: dict[str, dict], data_link: Callable[[str], str]) ->
     else:
         waiting = pending(results, "step_time").strip("_")
         note += " Step time: " + waiting[0].lower() + waiting[1:]
+    if sharded:
+        sizes = " and ".join(map(str, sharded_world_sizes(sharded))) or "no more than 1"
+        note += (f" Under FSDP2: the largest relative difference of a parameter from one "
+                 f"process's after {sharded['config']['equivalence_steps']} steps on {sizes} "
+                 f"processes; {exact_rule(sharded)} ([sharded.json]({data_link('sharded')})).")
+    else:
+        waiting = pending(results, "sharded").strip("_")
+        note += " Under FSDP2: " + waiting[0].lower() + waiting[1:]
     parts.append(note)
     return "\n\n".join(parts)
+
+
+def sharded_world_sizes(sharded: dict) -> list[int]:
+    return sorted({n for entry in sharded["summary"].values() for n in entry["world_sizes"]})
+
+
+def exact_rule(sharded: dict) -> str:
+    config = sharded["config"]
+    return (f"exact: at most {config['exact_tolerance']:g}, or {config['exact_rounding_factor']:g} "
+            "times what accumulating the same batch in micro-batches changes in one process")
+
+
+def fsdp_cell(sharded: dict | None, name: str) -> str:
+    """Whether ``name`` runs under FSDP2 and how far from one process it ends."""
+    if sharded is None:
+        return "not yet measured"
+    entry = sharded["summary"].get(name)
+    if entry is None:
+        return "n/a"
+    if not entry["works"]:
+        return "no: fails"
+    diff = num(entry["max_param_rel_diff"], ".0e", f"sharded {name} max_param_rel_diff")
+    return f"yes, exact to {diff}" if entry["exact"] else f"runs, but off by {diff}"
 
 
 def figure_link(name: str, alt: str, link: Callable[[str], str]) -> str:
@@ -654,6 +704,70 @@ def step_block(results: dict[str, dict], link: Callable[[str], str]) -> str:
         figure_link("step_time_ratio.png", FIGURES["step_time_ratio.png"][2], link)])
 
 
+def mib(nbytes: float, fmt: str, field: str) -> str:
+    return num(nbytes / 2**20, fmt, field) + " MiB"
+
+
+def sharded_block(results: dict[str, dict], link: Callable[[str], str]) -> str:
+    sharded = current(results, "sharded")
+    if sharded is None:
+        return pending(results, "sharded")
+    rows = sharded["rows"]
+    one_process = {(r["model"], r["optimizer"]): max(r["state_bytes_per_rank"]) for r in rows
+                   if r["world_size"] == 1 and r["works"]}
+    body = []
+    for r in sorted(rows, key=lambda r: (r["model"], list(REGISTRY).index(r["optimizer"]),
+                                         r["world_size"])):
+        field = f"sharded {r['model']} {r['optimizer']} N={r['world_size']}"
+        cells = [r["model"], label(r["optimizer"]), str(r["world_size"])]
+        if not r["works"]:
+            body.append(cells + ["n/a"] * 8 + ["no"])
+            continue
+        state = max(r["state_bytes_per_rank"])
+        base = one_process.get((r["model"], r["optimizer"]))
+        peak = r["step_peak_bytes_per_rank"]
+        cells += [mib(state, ".2f", field + " state"),
+                  "n/a" if base is None else num(100 * ratio(state, base, field), ".1f", field) + "%",
+                  "n/a" if not peak or None in peak else mib(max(peak), ".0f", field + " peak"),
+                  num(1e3 * max(r["step_median_s_per_rank"]), ".0f", field + " step"),
+                  num(r["step_time_ratio"], ".2f", field + " ratio") + "x",
+                  num(100 * max(r["collective_share_per_rank"]), ".0f", field + " share") + "%",
+                  num(r["max_param_rel_diff"], ".1e", field + " difference"),
+                  num(r["micro_batch_rel_diff"], ".1e", field + " micro-batches"), "yes"]
+        body.append(cells)
+    failures = {}
+    for r in rows:
+        if not r["works"]:
+            failures.setdefault(r["optimizer"], (r["error"] or "").replace("`", "'"))
+    first = next((r for r in rows if r["works"]), rows[0])
+    threads = f"{first['threads_per_rank']} thread{'s' if first['threads_per_rank'] != 1 else ''}"
+    agree = all(r["state_bytes_per_rank"] == r["analytic_state_bytes_per_rank"]
+                for r in rows if r["works"])
+    notes = [
+        f"{first['model']} ({first['n_params']:,} parameters; {first['batch_per_rank']} "
+        f"sequences of {first['block_size']} random tokens per rank; {threads} per rank on "
+        f"{first['cpu_cores']} cores: more ranks than cores share them). N = 1 is one process "
+        "without FSDP2; above it each transformer block and the root are one `fully_shard` "
+        "unit. State and peak memory are the largest rank's; "
+        + ("on every rank the live state tensors hold exactly the formula's bytes. "
+           if agree else "**on some ranks the live state tensors differ from the formula.** ")
+        + f"Peak memory: {first.get('step_peak_method') or 'n/a'}. Step: the slowest rank's "
+        "median; / one process divides it by the slowest rank's median of a one-process step "
+        "of the same local batch, timed in turn in the same processes. In collectives: "
+        f"{first['collective_method']}. Difference: the largest relative difference of a "
+        f"parameter from one process's after {sharded['config']['equivalence_steps']} steps "
+        "on the same global batch; micro-batches: the same for one process that accumulates "
+        f"that batch in N micro-batches (the order of summation alone); {exact_rule(sharded)}."]
+    for name, error in failures.items():
+        notes.append(f"{label(name)} fails under FSDP2: `{error}`")
+    return "\n\n".join([
+        table(["model", "optimizer", "ranks", "state per rank", "of N = 1", "peak memory per rank",
+               "step (ms)", "/ one process", "in collectives", "difference", "micro-batches",
+               "works"], body, "llrrrrrrrrrl"),
+        *notes,
+        figure_link("sharded_state.png", FIGURES["sharded_state.png"][2], link)])
+
+
 def kv_shapes_block(kv: dict) -> str:
     rows = [r for r in kv["rows"] if r["test"].startswith("test_model_shape")]
     return table(["model", "layers", "query heads", "K/V heads", "head dim", "bytes/token (bf16)",
@@ -771,6 +885,7 @@ def blocks(results: dict[str, dict], link: Callable[[str], str], data_link: Call
         "step-time": step_block(results, link),
         "kv-shapes": kv_shapes_block(kv) if kv else pending(results, "kv_cache"),
         "decode": decode_block(results, link),
+        "sharded": sharded_block(results, link),
         "lr-sweep": sweep_block(sweep, link) if sweep else pending(results, "lr_sweep"),
         "ablations": ablations_block(sweep) if sweep else pending(results, "lr_sweep"),
         "samples": samples_block(training) if training else pending(results, "training"),
@@ -1026,6 +1141,35 @@ def decode_time_figure(plt, kv: dict):
     return fig
 
 
+def sharded_state_figure(plt, sharded: dict):
+    """Per-rank state (the largest rank's) against world size, each optimizer's state at
+    N = 1 divided by N dotted beside it."""
+    rows = [r for r in sharded["rows"] if r["works"]]
+    if not rows:
+        return None
+    fails = {r["optimizer"] for r in sharded["rows"] if not r["works"]}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, name in enumerate(n for n in REGISTRY if any(r["optimizer"] == n for r in rows)):
+        points = sorted((r["world_size"], max(r["state_bytes_per_rank"]) / 2**20)
+                        for r in rows if r["optimizer"] == name)
+        ax.plot(*zip(*points), marker="o", color=f"C{i}",
+                label=label(name) + (": fails under FSDP2" if name in fails else ""))
+        if points[0][0] == 1:
+            ax.plot([n for n, _ in points], [points[0][1] / n for n, _ in points], ":",
+                    color=f"C{i}", linewidth=1)
+    sizes = sorted({r["world_size"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(sizes, labels=[str(n) for n in sizes])
+    ax.set_xticks([], minor=True)
+    ax.set(xlabel="processes (world size)", ylabel="optimizer state per rank, MiB (log scale)",
+           title=f"FSDP2, {rows[0]['model']}: state per rank "
+                 "(dotted: state at N = 1, divided by N)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 FIGURES = {  # file name -> (suite it needs, builder, what it shows)
     "loss_vs_state.png": ("training", loss_vs_state_figure,
                           "Final validation loss against optimizer-state bytes"),
@@ -1039,6 +1183,8 @@ FIGURES = {  # file name -> (suite it needs, builder, what it shows)
                                   "Optimizer-state bytes relative to AdamW"),
     "lr_sweep.png": ("lr_sweep", lr_sweep_figure,
                      "Final validation loss against peak learning rate, one panel per optimizer"),
+    "sharded_state.png": ("sharded", sharded_state_figure,
+                          "Optimizer state per rank under FSDP2 against world size"),
 }
 
 

@@ -258,7 +258,7 @@ def test_step_time_headline_takes_the_ratio_to_fused_adamw(tmp_path):
     results = {"training": training_document(), "step_time": step_document(True)}
     headline = report.blocks(results, str, str, "x")["headline"]
     adamsn = next(line for line in headline.splitlines() if line.startswith("| AdamSN |"))
-    assert adamsn.endswith("| 50.0% | 0.80x | 0.80x |")
+    assert adamsn.endswith("| 50.0% | 0.80x | 0.80x | not yet measured |")
     results["step_time"] = step_document(False)
     headline = report.blocks(results, str, str, "x")["headline"]
     assert "Step time: not yet measured" in headline
@@ -312,8 +312,9 @@ def test_training_table_gives_mean_half_spread_and_share_of_adamw():
 def test_headline_has_a_row_per_optimizer_and_per_attention_layout():
     headline = report.blocks({"training": training_document()}, str, str, "x")["headline"]
     lines = headline.splitlines()
-    assert lines[2] == f"| {report.label('adamw')} | 2.1150 ± 0.1050 | 100.0% | not yet measured |"
-    assert lines[3] == "| AdamSN | 2.1150 ± 0.0050 | 50.0% | not yet measured |"
+    assert lines[2] == (f"| {report.label('adamw')} | 2.1150 ± 0.1050 | 100.0% | not yet measured "
+                        "| not yet measured |")
+    assert lines[3] == "| AdamSN | 2.1150 ± 0.0050 | 50.0% | not yet measured | not yet measured |"
     assert "| MHA | 4 of 4 | 2.1150 ± 0.1050 | 100% |" in lines
     assert "| MQA, 1 K/V head | 1 of 4 | 2.3000 ± 0.0000 | 25% |" in lines  # 20-batch: no whole split
 
@@ -417,3 +418,75 @@ def test_compare_prints_your_results_beside_the_published_spread_and_writes_noth
 def test_compare_without_quick_or_default_results_exits_2(tmp_path, capsys):
     assert report.cli.run(report.main, ["--compare", str(tmp_path), "--results-dir", str(RESULTS)]) == 2
     assert f"{tmp_path} holds no results to compare" in capsys.readouterr().err
+
+
+# ---- the sharded (FSDP2) suite -------------------------------------------------------------
+
+def sharded_document():
+    """A sharded results file in the suite's own format: AdamW halves its state on 2 ranks,
+    torch's Adafactor fails there."""
+    from bench.results import environment, results_document
+    from bench.test_sharded import ShardedRow, suite_config, summarize
+
+    def row(name, world_size, state, error=None):
+        works = error is None
+
+        def each(value):  # one value per rank; None where it fails
+            return [value] * world_size if works else None
+
+        return dataclasses.asdict(ShardedRow(
+            model="baby", n_params=804_096, optimizer=name, world_size=world_size,
+            backend="gloo" if world_size > 1 else "none", batch_per_rank=2, block_size=64,
+            threads_per_rank=1, cpu_cores=2, works=works, error=error,
+            kernels="torch" if works else None, state_bytes_per_rank=each(state),
+            analytic_state_bytes_per_rank=each(state), before_step_bytes_per_rank=each(2**28),
+            step_peak_bytes_per_rank=each(2**28 + 2**20),
+            step_peak_method="cpu VmHWM" if works else None,
+            collective_share_per_rank=each(0.25 * (world_size - 1)), collective_method="profiler",
+            interleaved_rounds=3, step_median_s_per_rank=each(0.01 * world_size),
+            one_process_median_s_per_rank=each(0.01), step_time_ratio=world_size if works else None,
+            equivalence_steps=3, max_param_rel_diff=1e-7 * (world_size - 1) if works else None,
+            max_update_rel_diff=1e-6 * (world_size - 1) if works else None,
+            micro_batch_rel_diff=5e-8 * (world_size - 1) if works else None))
+
+    rows = [row("adamw", 1, 2**21), row("adamw", 2, 2**20),
+            row("torch_adafactor", 1, 2**10),
+            row("torch_adafactor", 2, None, error="RuntimeError: `no`")]
+    document = results_document("sharded", "full", environment(), [1337], suite_config("quick"),
+                                rows)
+    document["summary"] = summarize(rows)
+    return document
+
+
+def test_sharded_rows_give_a_table_a_figure_and_the_headline_column():
+    results = {"training": training_document(), "sharded": sharded_document()}
+    made = report.blocks(results, str, str, "x")
+    lines = made["sharded"].splitlines()
+    assert lines[3] == ("| baby | AdamW (torch, fused) | 2 | 1.00 MiB | 50.0% | 257 MiB | 20 | 2.00x "
+                        "| 25% | 1.0e-07 | 5.0e-08 | yes |")
+    assert lines[5] == "| baby | Adafactor (torch) | 2 | " + "n/a | " * 8 + "no |"
+    assert "Adafactor (torch) fails under FSDP2: `RuntimeError: 'no'`" in made["sharded"]
+    adamw = next(line for line in made["headline"].splitlines() if line.startswith("| AdamW"))
+    assert adamw.endswith("| 100.0% | not yet measured | yes, exact to 1e-07 |")
+    assert "Under FSDP2: the largest relative difference of a parameter" in made["headline"]
+    pngs = report.figures({"sharded": sharded_document()})
+    assert sorted(pngs) == ["sharded_state.png"] and pngs["sharded_state.png"].startswith(b"\x89PNG")
+
+
+def test_without_the_sharded_file_its_block_and_column_say_how_to_measure_it():
+    made = report.blocks({"training": training_document()}, str, str, "x")
+    command = "python -m pytest bench/test_sharded.py --benchmark-only --profile full"
+    assert made["sharded"] == f"_Not yet published: run `{command}`._"
+    assert f"Under FSDP2: not yet published: run `{command}`." in made["headline"]
+    assert report.figures({"training": training_document()}).keys() == {
+        "loss_curves.png", "loss_vs_state.png"}
+
+
+def test_a_sharded_file_with_a_bad_field_is_named(tmp_path):
+    document = sharded_document()
+    document["rows"][1]["state_bytes_per_rank"][0] = "1"
+    path = tmp_path / "sharded.json"
+    path.write_text(json.dumps(document))
+    message = r"rows\[1\]\.state_bytes_per_rank\[0\] is '1', not an integer"
+    with pytest.raises(ValueError, match=message):
+        report.read_checked(path)
