@@ -142,8 +142,10 @@ READ_FIELDS = {  # suite -> the fields the report reads from a file of its curre
     "lr_sweep": {
         "config": {"max_iters": INTEGER, "base": {"eval_iters": INTEGER},
                    "variant_of?": OPTIMIZER},
+        # a diverged run's losses are null
         "rows[]": {"optimizer": OPTIMIZER, "learning_rate": NUMBER, "weight_decay": NUMBER,
-                   "final_val_loss": NUMBER, "final_val_loss_whole_split?": NUMBER,
+                   "final_val_loss?": NUMBER, "final_val_loss_whole_split?": NUMBER,
+                   "diverged?": BOOLEAN, "diverged_at?": INTEGER,
                    "variant?": TEXT, "git_commit?": TEXT},
         "summary": {
             "best": {"<optimizer>": {"learning_rate": NUMBER, "weight_decay": NUMBER,
@@ -833,8 +835,10 @@ def sweep_block(sweep: dict, link: Callable[[str], str]) -> str:
     best = sweep["summary"]["best"]
     rows = []
     for name, b in best.items():
-        runs = sum(r["optimizer"] == name and not r.get("variant") for r in sweep["rows"])
-        rows.append([label(name), str(runs), f"{b['learning_rate']:g}", f"{b['weight_decay']:g}",
+        grid = [r for r in sweep["rows"] if r["optimizer"] == name and not r.get("variant")]
+        diverged = sum(bool(r.get("diverged")) for r in grid)
+        runs = f"{len(grid)} ({diverged} diverged)" if diverged else str(len(grid))
+        rows.append([label(name), runs, f"{b['learning_rate']:g}", f"{b['weight_decay']:g}",
                      num(b["final_train_loss"], ".4f", f"lr_sweep best {name}"),
                      num(b["final_val_loss"], ".4f", f"lr_sweep best {name}")])
     return "\n\n".join([
@@ -857,6 +861,10 @@ def ablations_block(sweep: dict) -> str:
                      num(v["final_val_loss"], ".4f", f"lr_sweep {name}"),
                      num(v["val_loss_change"], "+.4f", f"lr_sweep {name}"),
                      "n/a" if whole is None else num(whole, ".4f", f"lr_sweep {name}")])
+    for name, r in rows_by_variant.items():
+        if r.get("diverged"):
+            rows.append([f"`{name}`", f"`{(r.get('git_commit') or 'unknown')[:7]}`",
+                         f"diverged at iteration {r.get('diverged_at')}", "n/a", "n/a", "n/a"])
     return (f"{label(sweep['config']['variant_of'])} with one change at a time, at its best grid "
             "point (at the lr in the change's name where it has one), one seed:\n\n"
             + table(["change", "commit", "final train loss", f"final val loss ({estimate(sweep)})",
@@ -1060,6 +1068,8 @@ def loss_vs_state_figure(plt, training: dict):
 
 def lr_sweep_figure(plt, sweep: dict):
     rows = [r for r in sweep["rows"] if not r.get("variant")]
+    diverged = [r for r in rows if r.get("diverged")]
+    rows = [r for r in rows if not r.get("diverged")]
     names = list(dict.fromkeys(r["optimizer"] for r in rows))
     fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names), 3.4), squeeze=False)
     best = sweep["summary"]["best"]
@@ -1071,6 +1081,10 @@ def lr_sweep_figure(plt, sweep: dict):
                          if r["optimizer"] == name and r["weight_decay"] == wd)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[i % len(styles)], marker="o",
                     markersize=3, color=f"C{i}", label=f"weight decay {wd:g}")
+        lost = sorted({r["learning_rate"] for r in diverged if r["optimizer"] == name})
+        if lost:  # at the top edge: there is no loss to draw
+            ax.plot(lost, [1.0] * len(lost), marker="x", color="red", linestyle="none",
+                    transform=ax.get_xaxis_transform(), clip_on=False, label="diverged")
         if name in best:
             b = best[name]
             ax.plot([b["learning_rate"]], [b["final_val_loss"]], marker="*", markersize=12,

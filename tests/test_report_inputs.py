@@ -152,3 +152,24 @@ def test_an_unwritable_output_is_named_and_nothing_is_written(
     option = "--" + argument.replace("_", "-")
     assert re.fullmatch(f"error: {re.escape(f'{option} {bad}')}: .*{message}.*\n", err), err
     assert snapshot() == before
+
+
+def test_diverged_sweep_runs_are_reported_as_diverged(tmp_path, report_into):
+    """A sweep point that diverged (null losses) is counted and drawn as such, not refused."""
+    run, snapshot = report_into
+    results = tmp_path / "results"
+    shutil.copytree(REPO / "results" / "cpu", results)
+    path = results / "lr_sweep.json"
+    document = json.loads(path.read_text(encoding="utf-8"))
+    grid_row = next(r for r in document["rows"] if r["optimizer"] == "adamw" and not r.get("variant"))
+    variant_row = next(r for r in document["rows"] if r.get("variant"))
+    nulls = {"final_train_loss": None, "final_val_loss": None, "final_val_loss_whole_split": None,
+             "evals": [], "diverged": True, "diverged_at": 7}
+    document["rows"].append({**grid_row, "learning_rate": 1.0, **nulls})
+    document["rows"].append({**variant_row, "variant": "lr-too-high", **nulls})
+    path.write_text(json.dumps(document))
+    assert run(results) == 0
+    results_page = snapshot()[tmp_path / "out" / "RESULTS.md"].decode()
+    runs = sum(1 for r in document["rows"] if r["optimizer"] == "adamw" and not r.get("variant"))
+    assert f"| {runs} (1 diverged) |" in results_page
+    assert "| `lr-too-high` |" in results_page and "diverged at iteration 7" in results_page
