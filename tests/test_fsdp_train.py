@@ -61,7 +61,9 @@ def run_sharded(tmp_path: Path, fields: dict, interrupt_at_eval: int | None = No
     return json.loads(result_file.read_text()) if result_file.exists() else None
 
 
-@pytest.mark.parametrize("optimizer", ["adamsnsm", "adafactor"])
+# AdamSN+SM's collectives (gathered projector, summed projections) cover the training
+# loop's; every optimizer's sharded step is checked in tests/test_sharded_optimizers.py
+@pytest.mark.parametrize("optimizer", ["adamsnsm"])
 def test_two_sharded_processes_follow_one_process_with_the_global_batch(tmp_path, optimizer):
     fields = dict(BABY_20, optimizer=optimizer, optimizer_hparams={"rank": 32, "gap": 8}
                   if optimizer == "adamsnsm" else {})
