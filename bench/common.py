@@ -98,6 +98,33 @@ def allocator_bytes(tensors) -> int:
     return total
 
 
+def state_allocator_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """What the CUDA caching allocator charges for ``optimizer``'s state: the storages of
+    every tensor :func:`memeff.memory.state_tensors` finds (nested containers, projector
+    objects; a tensor subclass such as torchao's quantized state by its inner tensors), none
+    shared with a parameter, each rounded as :func:`allocator_bytes` rounds it."""
+    from memeff.memory import _plain_tensors, state_tensors
+
+    def storage(t: torch.Tensor) -> tuple[torch.device, int]:
+        return t.device, t.untyped_storage().data_ptr()
+
+    params = {storage(p) for group in optimizer.param_groups for p in group["params"]}
+    return allocator_bytes(t for t in _plain_tensors(state_tensors(optimizer))
+                           if storage(t) not in params)
+
+
+# packages whose optimizers step through torch.compile, compiling on first use (torchao:
+# 20-100 s per model on 2 CPU cores); the state they make is the same run eagerly
+COMPILING_PACKAGES = ("torchao",)
+
+
+def compiles(name: str) -> bool:
+    """Whether optimizer ``name``'s step goes through torch.compile."""
+    from memeff.optim.registry import spec
+
+    return spec(name).package in COMPILING_PACKAGES
+
+
 def allocator_delta(make: Callable[[], object], device: torch.device) -> tuple[object, int | None]:
     """``make()``'s result and the bytes ``torch.cuda.memory_allocated`` grew by (None off CUDA)."""
     if device.type != "cuda":

@@ -11,7 +11,10 @@ held at once.
     python -m bench.optim_step_probe [--rounds 7] [--only adamsn,adafactor]
 
 ``adamsn`` and ``adafactor`` use the compiled kernels when they build (a first build
-happens in the untimed first step); the ``_eager`` variants use PyTorch ops only.
+happens in the untimed first step); the ``_eager`` variants use PyTorch ops only. The
+peers (``registry.PEER_NAMES``, the ``peers`` extra) are variants too, timed when named
+in ``--only`` (torch's Muon takes 20-45x AdamW's time on 2 cores; torchao compiles in
+the untimed first step).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from bench.common import interleaved_medians, observe_kernels
 from memeff import GPT, GPTConfig
 from memeff.optim import build_optimizer
+from memeff.optim.registry import PEER_NAMES, missing_package
 
 BASE = "adamw_fused"  # every variant's pair partner
 VARIANTS = {
@@ -35,14 +39,17 @@ VARIANTS = {
     "adafactor_eager": ("adafactor", {"backend": "eager"}),
     "torch_adafactor_forloop": ("torch_adafactor", {"foreach": False}),
     "torch_adafactor_foreach": ("torch_adafactor", {"foreach": True}),
+    **{name: (name, {}) for name in PEER_NAMES},
 }
+OURS = [v for v in VARIANTS if v != BASE and v not in PEER_NAMES]  # timed by default
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--only", default=",".join(v for v in VARIANTS if v != BASE),
-                        help="comma-separated variants, each timed against adamw_fused")
+    parser.add_argument("--only", default=",".join(OURS),
+                        help="comma-separated variants, each timed against adamw_fused "
+                             f"(default: {','.join(OURS)}; peers: {','.join(PEER_NAMES)})")
     parser.add_argument("--tied-as-linear", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = parser.parse_args()
@@ -50,6 +57,10 @@ def main() -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    for n in names:
+        hint = missing_package(VARIANTS[n][0])
+        if hint is not None:
+            parser.error(hint)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")

@@ -7,19 +7,37 @@ creates the state; its transients are freed by then) must equal the allocator bl
 those tensors (each rounded up to 512 bytes; ``step`` scalars torch keeps on the CPU cost
 none). Each bare tensor gets its method's full treatment (subset-norm or factoring
 whatever its shape); ``step`` tensors are counted. bfloat16 parameters run on CUDA only.
+
+The peers (optimizers from other packages, ``registry.PEER_NAMES``) get rows beside ours,
+counted the same three ways: every tensor their state holds (``memory.state_tensors``:
+quantized tensor subclasses by their inner tensors, GaLore's and APOLLO's projector
+objects, shared quantization maps once). The full profile measures them on every shape;
+the quick and default profiles on :data:`PEER_SHAPE` only (all peers over every shape
+take minutes on 2 CPU cores: Muon's Newton-Schulz and GaLore's SVD on 4096x4096, eager
+quantization of the 50257x768 table). A peer whose package is
+missing is skipped with the install hint. A peer whose step goes through torch.compile
+(torchao) is stepped eagerly here: the state is the same, compiling would take a minute
+per shape, and its compiled step is timed by the step_time suite; its row says so
+(``eager_instead_of_compiled``). A peer's timed steps stop at about
+:data:`PEER_TIMING_BUDGET_S` seconds (fewer rounds, pytest-benchmark's ``rounds``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from bench.common import allocator_bytes, allocator_delta, require_profile, synchronized
+from bench.common import (allocator_delta, compiles, require_profile, state_allocator_bytes,
+                          synchronized)
+from bench.results import PROFILES
 from memeff.memory import expected_state_bytes, state_bytes
-from memeff.optim import OPTIMIZER_NAMES, build_optimizer_for_tensors
+from memeff.optim import OPTIMIZER_NAMES, build_optimizer_for_tensors, registry
+from memeff.optim.registry import PEER_NAMES
 
 SHAPES = {
     (128, 128): "quick",
@@ -36,6 +54,9 @@ CUDA_ONLY_DTYPES = (torch.bfloat16,)  # bfloat16 weights are trained on GPUs, no
 SUBSET_SIZES = (1, 16, 256, 4096, "auto")
 SUBSET_SHAPES = ((768, 3072), (4096, 4096))
 LR = 1e-3
+NAMES = tuple(OPTIMIZER_NAMES) + tuple(PEER_NAMES)
+PEER_SHAPE = (512, 512)  # the peers' one shape in the quick and default profiles
+PEER_TIMING_BUDGET_S = 20.0  # about how long a peer's timed steps may take, per row
 
 
 @dataclass
@@ -50,6 +71,8 @@ class StateRow:
     allocator_bytes_after_first_step: int | None  # the CUDA allocator; None on a CPU
     adamw_bytes: int  # fused AdamW's state over the same parameter
     ratio_to_adamw: float
+    # a torch.compile'd step (torchao) run eagerly: same state, eager step time
+    eager_instead_of_compiled: bool
 
 
 @dataclass
@@ -60,10 +83,29 @@ class SubsetStateRow(StateRow):
 
 def suite_config(profile: str) -> dict:
     return {"shapes": [list(s) for s in SHAPES], "optimizers": list(OPTIMIZER_NAMES),
+            "peers": list(PEER_NAMES),
+            "peer_shapes": [list(s) for s in SHAPES if in_profile(profile, peer_profile(s))],
+            "peer_timing_budget_s": PEER_TIMING_BUDGET_S,
+            "peer_packages_missing": missing_peer_packages(),
             "adamsn_subset_sizes": list(SUBSET_SIZES),
             "adamsn_subset_shapes": [list(s) for s in SUBSET_SHAPES],
             "dtypes": [str(d) for d in DTYPES], "cuda_only_dtypes": [str(d) for d in CUDA_ONLY_DTYPES],
             "lr": LR, "step_tensors_counted": True}
+
+
+def peer_profile(shape) -> str:
+    """The profile that measures the peers on ``shape``."""
+    return "quick" if shape == PEER_SHAPE else "full"
+
+
+def in_profile(profile: str, needed: str) -> bool:
+    return PROFILES.index(profile) >= PROFILES.index(needed)
+
+
+def missing_peer_packages() -> dict[str, str]:
+    """The install hint of each peer whose package is missing (its rows are skipped)."""
+    hints = {name: registry.missing_package(name) for name in PEER_NAMES}
+    return {name: hint for name, hint in hints.items() if hint is not None}
 
 
 def shape_id(shape) -> str:
@@ -71,6 +113,13 @@ def shape_id(shape) -> str:
 
 
 def measure(benchmark, record, device, shape, name, dtype=torch.float32, **hparams):
+    eager = compiles(name)
+    # torch.compile'd steps run eagerly here: the state is the same (see the module docstring)
+    with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
+        return _measure(benchmark, record, device, shape, name, dtype, eager, **hparams)
+
+
+def _measure(benchmark, record, device, shape, name, dtype, eager, **hparams):
     def step_on_fresh_param(seed: int):
         torch.manual_seed(seed)
         param = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
@@ -84,32 +133,44 @@ def measure(benchmark, record, device, shape, name, dtype=torch.float32, **hpara
     param, optimizer = step_on_fresh_param(0)
     adamw_bytes = expected_state_bytes(build_optimizer_for_tensors("adamw", [param], lr=LR))
     analytic = expected_state_bytes(optimizer)
+    started = time.perf_counter()
     _, allocated = allocator_delta(optimizer.step, device)  # the first step creates the state
+    first_step_s = time.perf_counter() - started
     live = state_bytes(optimizer)
     assert live == analytic, f"{name} on {shape}: live state {live} bytes, formula {analytic}"
-    state_tensors = [v for s in optimizer.state.values() for v in s.values()
-                     if isinstance(v, torch.Tensor)]
     if allocated is not None:
-        charged = allocator_bytes(state_tensors)
+        charged = state_allocator_bytes(optimizer)  # every tensor memory.state_tensors finds
         assert allocated == charged, (f"{name} on {shape}: the allocator grew by {allocated} "
                                       f"bytes over the first step; the state's blocks are {charged}")
     rounds = max(3, min(50, int(2e8 // param.numel())))  # bounded time on large shapes
-    benchmark.pedantic(synchronized(optimizer.step, device), rounds=rounds, warmup_rounds=1)
+    warmup_rounds = 1
+    if name in PEER_NAMES:  # Muon's Newton-Schulz, GaLore's SVD: bounded by time as well
+        rounds = max(1, min(rounds, int(PEER_TIMING_BUDGET_S / max(first_step_s, 1e-9))))
+        warmup_rounds = 1 if rounds > 1 else 0
+    benchmark.pedantic(synchronized(optimizer.step, device), rounds=rounds,
+                       warmup_rounds=warmup_rounds)
     row_type = SubsetStateRow if hparams else StateRow
     return record(row_type(shape=list(shape), numel=param.numel(), optimizer=name,
                            dtype=str(dtype), analytic_bytes=analytic, live_bytes=live,
                            allocator_bytes_after_first_step=allocated, adamw_bytes=adamw_bytes,
-                           ratio_to_adamw=live / adamw_bytes, **hparams))
+                           ratio_to_adamw=live / adamw_bytes, eager_instead_of_compiled=eager,
+                           **hparams))
 
 
 @pytest.mark.benchmark(group="optimizer state")
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("shape", list(SHAPES), ids=shape_id)
 def test_state_bytes(benchmark, record, device, profile, shape, name, dtype):
     if dtype in CUDA_ONLY_DTYPES and device.type != "cuda":
         pytest.skip(f"{dtype} optimizer steps are measured on CUDA only")
-    require_profile(profile, SHAPES[shape])
+    if name in PEER_NAMES:
+        require_profile(profile, peer_profile(shape))
+        hint = registry.missing_package(name)
+        if hint is not None:
+            pytest.skip(hint)
+    else:
+        require_profile(profile, SHAPES[shape])
     row = measure(benchmark, record, device, shape, name, dtype)
     if len(shape) == 2 and name in ("adamsn", "adafactor") and dtype == torch.float32:
         n, m = shape

@@ -186,12 +186,15 @@ def test_step_time_summary_has_the_keys_the_report_reads():
 
     row = dict(model="baby", ratio_to_adamw=0.5, ratio_to_adamw_foreach=0.25,
                fraction_of_floor=0.4, interleaved_median_s=1e-3, kernels="compiled",
-               floor_bytes=1)
-    rows = [dict(row, test="test_step_time[baby-adamsn]", optimizer="adamsn"),
+               floor_bytes=1, peer=False, amortized_ratio_to_adamw=0.6,
+               refresh_ratio_to_adamw=20.0, compile_s=None, shape_note=None)
+    rows = [dict(row, test="test_step_time[baby-adamsnsm]", optimizer="adamsnsm"),
             dict(test="test_train_iteration[adamsn-kv4]", model="baby", optimizer="adamsn")]
-    assert summarize(rows) == {"baby": {"adamsn": {
+    assert summarize(rows) == {"baby": {"adamsnsm": {
         "ratio_to_adamw": 0.5, "ratio_to_adamw_foreach": 0.25, "fraction_of_floor": 0.4,
-        "interleaved_median_s": 1e-3, "kernels": "compiled"}}}
+        "interleaved_median_s": 1e-3, "kernels": "compiled", "peer": False,
+        "amortized_ratio_to_adamw": 0.6, "refresh_ratio_to_adamw": 20.0, "compile_s": None,
+        "shape_note": None}}}
 
 
 def a_file(tmp_path: Path) -> Path:
