@@ -35,7 +35,7 @@ from bench.experiments import Diverged, Driver, Run
 from bench.results import environment, read_results, results_document
 from memeff import cli
 from memeff.io import write_json
-from memeff.optim.registry import OPTIMIZER_NAMES, REGISTRY
+from memeff.optim.registry import REGISTRY
 from memeff.train import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -51,12 +51,23 @@ BABY = TrainConfig(log_interval=250)  # nanoGPT's baby config; progress at every
 ADAM_LRS = (3e-4, 1e-3, 3e-3, 6e-3, 1e-2, 3e-2)
 SUBSET_NORM_LRS = (1e-3, 3e-3, 1e-2, 2e-2, 4e-2, 1e-1)
 ADAFACTOR_LRS = (3e-3, 1e-2, 3e-2, 6e-2, 1e-1, 3e-1)
+PEER_ADAM_LRS = (1e-3, 3e-3, 1e-2)
+PEER_LOW_RANK_LRS = (3e-3, 1e-2, 3e-2)
 GRID = {
     "adamw": {0.1: ADAM_LRS},
     "adamsn": {0.0: SUBSET_NORM_LRS, 0.01: (1e-2, 2e-2, 3e-2, 4e-2, 6e-2), 0.1: SUBSET_NORM_LRS[2:5]},
     "adafactor": {0.0: ADAFACTOR_LRS, 0.1: ADAFACTOR_LRS[1:4]},
     "adamsnsm": {0.0: SUBSET_NORM_LRS, 0.1: SUBSET_NORM_LRS[2:5]},
     "torch_adafactor": {0.0: ADAFACTOR_LRS, 0.1: ADAFACTOR_LRS[1:4]},
+    # the peers: 3 lrs spanning 10x around their family's best, at its weight decay
+    # (AdamW's for the AdamW-based ones, AdamSN's for AdamWSN; Lion's lr is 3-10x smaller
+    # than AdamW's and its decay as much larger, as its paper advises)
+    **{name: {0.1: PEER_ADAM_LRS} for name in ("bnb_adamw8bit", "torchao_adamw8bit",
+                                               "torchao_adamw4bit", "adam_mini", "torch_muon")},
+    # GaLore and APOLLO scale their projected update (0.25 and 1.0; APOLLO-Mini 128)
+    **{name: {0.1: PEER_LOW_RANK_LRS} for name in ("galore_adamw", "apollo", "apollo_mini")},
+    "lion_pytorch": {1.0: (1e-4, 3e-4, 1e-3)},
+    "adamwsn": {0.01: (1e-2, 4e-2, 1e-1)},
 }
 # the settings each optimizer keeps throughout its sweep: its tuned ones other than lr and decay
 OPTIMIZER_HPARAMS = {name: REGISTRY[name].tuned["optimizer_hparams"] for name in GRID
@@ -173,7 +184,7 @@ def grid_plan(optimizers: Sequence[str], seed: int, max_iters: int,
     unknown = [o for o in optimizers if o not in GRID]
     if unknown:
         raise ValueError(f"unknown optimizer(s) {', '.join(unknown)}; choose from "
-                         f"{', '.join(OPTIMIZER_NAMES)}")
+                         f"{', '.join(GRID)}")
     plan = []
     for name in optimizers:
         grid = GRID[name]

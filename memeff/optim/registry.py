@@ -412,6 +412,7 @@ SPECS: tuple[OptimizerSpec, ...] = (
     # GaLore and APOLLO project the matrix groups at AdamSN+SM's rank and gap, so the
     # low-rank methods compare at one rank (GPT-2 small: d/6; pass rank=192 for d/4);
     # scale 0.25 and the APOLLO settings are their papers' pretraining scripts'
+    # (rank 32 on the baby config, as AdamSN+SM)
     OptimizerSpec("galore_adamw", "GaLore AdamW", "low-rank",
                   _class("galore_torch.GaLoreAdamW"), galore_state_bytes,
                   by_kind=_on_matrices_only({"proj_type": "std"}),
@@ -419,7 +420,7 @@ SPECS: tuple[OptimizerSpec, ...] = (
                                    "scale": 0.25},
                   defaults={"no_deprecation_warning": True},
                   refused=("no_deprecation_warning",), matrices_only=True,
-                  package="galore-torch"),
+                  package="galore-torch", tuned={"optimizer_hparams": {"rank": 32}}),
     OptimizerSpec("apollo", "APOLLO", "low-rank",
                   _class("apollo_torch.APOLLOAdamW"), apollo_state_bytes,
                   by_kind=_on_matrices_only({"proj_type": "std", "proj": "random",
@@ -427,7 +428,7 @@ SPECS: tuple[OptimizerSpec, ...] = (
                   matrix_settings={"rank": SUBSPACE_RANK, "update_proj_gap": SUBSPACE_GAP,
                                    "scale": 1.0},
                   refused=("no_deprecation_warning",), matrices_only=True,
-                  package="apollo-torch"),
+                  package="apollo-torch", tuned={"optimizer_hparams": {"rank": 32}}),
     OptimizerSpec("apollo_mini", "APOLLO-Mini", "low-rank",
                   _class("apollo_torch.APOLLOAdamW"), apollo_state_bytes,
                   by_kind=_on_matrices_only({"proj_type": "std", "proj": "random",
