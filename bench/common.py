@@ -103,13 +103,13 @@ def state_allocator_bytes(optimizer: torch.optim.Optimizer) -> int:
     every tensor :func:`memeff.memory.state_tensors` finds (nested containers, projector
     objects; a tensor subclass such as torchao's quantized state by its inner tensors), none
     shared with a parameter, each rounded as :func:`allocator_bytes` rounds it."""
-    from memeff.memory import _plain_tensors, state_tensors
+    from memeff.memory import plain_tensors, state_tensors
 
     def storage(t: torch.Tensor) -> tuple[torch.device, int]:
         return t.device, t.untyped_storage().data_ptr()
 
     params = {storage(p) for group in optimizer.param_groups for p in group["params"]}
-    return allocator_bytes(t for t in _plain_tensors(state_tensors(optimizer))
+    return allocator_bytes(t for t in plain_tensors(state_tensors(optimizer))
                            if storage(t) not in params)
 
 

@@ -29,9 +29,9 @@ def tensor_bytes(tensors: Iterable[torch.Tensor], *,
     """Bytes of the storages behind ``tensors``, each storage counted once and none of
     those behind ``excluding``; of a DTensor, the part this process holds; of another tensor
     subclass (torchao's quantized optimizer state), the plain tensors it is made of."""
-    seen = {_storage_key(t) for t in _plain_tensors(excluding)}
+    seen = {_storage_key(t) for t in plain_tensors(excluding)}
     total = 0
-    for t in _plain_tensors(tensors):
+    for t in plain_tensors(tensors):
         key = _storage_key(t)
         if key not in seen:
             seen.add(key)
@@ -43,9 +43,12 @@ def _storage_key(t: torch.Tensor) -> tuple[torch.device, int]:
     return t.device, t.untyped_storage().data_ptr()
 
 
-def _plain_tensors(tensors: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """``tensors`` with each DTensor replaced by its local part and each other subclass
-    by the inner tensors its ``__tensor_flatten__`` names, recursively."""
+def plain_tensors(tensors: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``tensors`` as the plain tensors that hold their bytes: each DTensor replaced by the
+    part this process holds and each other tensor subclass (torchao's quantized optimizer
+    state) by the inner tensors its ``__tensor_flatten__`` names, recursively; a plain tensor
+    or parameter is yielded as it is. Views of one storage are not merged here: count
+    storages (as :func:`tensor_bytes` does) to count bytes once."""
     from memeff.optim.sharding import local
 
     for t in tensors:
@@ -54,7 +57,7 @@ def _plain_tensors(tensors: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
             yield t
         else:
             inner_names, _ = t.__tensor_flatten__()
-            yield from _plain_tensors(getattr(t, name) for name in inner_names)
+            yield from plain_tensors(getattr(t, name) for name in inner_names)
 
 
 def cache_bytes(cache) -> int:

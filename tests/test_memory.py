@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memeff import GPTConfig, KVCache
-from memeff.memory import cache_bytes, kv_cache_bytes, state_bytes, tensor_bytes
+from memeff.memory import cache_bytes, kv_cache_bytes, plain_tensors, state_bytes, tensor_bytes
 
 
 @pytest.mark.parametrize("n_head, n_kv_head", [(8, 8), (8, 2), (8, 1), (12, 4)])
@@ -81,3 +81,11 @@ def test_state_bytes_walks_containers_objects_and_subclasses_counting_each_stora
         "the_param_itself": param.data[2:],  # a view of the param: not state
     }
     assert state_bytes(optimizer) == 20 + 16 + 7 + 64 + 48 + 8
+
+
+def test_plain_tensors_unpack_subclasses_into_their_inner_tensors_recursively():
+    codes, scale, plain = torch.zeros(8, dtype=torch.uint8), torch.zeros(2), torch.zeros(3)
+    nested = PackedState(PackedState(codes, scale), plain)
+    assert [t is x for t, x in zip(plain_tensors([nested, plain]), (codes, scale, plain, plain))] \
+        == [True] * 4
+    assert len(list(plain_tensors([nested, plain]))) == 4  # one per reference: storages not merged
