@@ -5,6 +5,10 @@ config: runs differ only in optimizer, its learning rate and weight decay (its t
 settings unless the row says otherwise), and for some rows ``n_kv_head`` (GQA, MQA), the
 warmup or the tokens. Each seed is one row of the results; the summary gives the mean and
 spread (max - min) over seeds.
+
+The rows with GPT-2's BPE tokens and the peers' rows (optimizers from other packages) are
+suites of their own, ``bench/test_training_bpe.py`` and ``bench/test_training_peers.py``
+(:func:`suite_of`), trained the same way from the same :data:`RUNS`.
 """
 
 from __future__ import annotations
@@ -17,13 +21,13 @@ import pytest
 import torch
 
 from bench.experiments import Diverged, Driver, Run, plan
-from memeff.optim.registry import OPTIMIZER_NAMES, REGISTRY
+from memeff.optim.registry import OPTIMIZER_NAMES, PEER_NAMES, REGISTRY, missing_package
 from memeff.sample import sample_text
 from memeff.train import TrainConfig
 
 # Peak lr and weight decay per optimizer: the registry's settings tuned by the lr sweep
 # (python -m bench.lr_sweep); the schedule and everything else is nanoGPT's baby config.
-HPARAMS = {name: dict(REGISTRY[name].tuned) for name in OPTIMIZER_NAMES}
+HPARAMS = {name: dict(REGISTRY[name].tuned) for name in OPTIMIZER_NAMES + PEER_NAMES}
 # nanoGPT's own settings for the baby config, kept as rows so the earlier fork's table
 # (which used them) compares like for like
 NANOGPT_LR = dict(learning_rate=1e-3, weight_decay=0.1)
@@ -65,6 +69,8 @@ RUNS = {run.name: run for run in (
     tuned("adamw-bpe", "adamw", FULL, max_seeds=1, dataset="bpe"),
     tuned("adamsn-bpe", "adamsn", FULL, max_seeds=1, dataset="bpe"),
     tuned("adafactor-bpe", "adafactor", FULL, max_seeds=1, dataset="bpe"),
+    # the peers at the best point of their lr sweep
+    *(tuned(name, name, HEADLINE) for name in PEER_NAMES),
 )}
 # the text sample each run's first seed writes, from its final checkpoint (KV-cache generation)
 SAMPLE = dict(prompt="ROMEO:", max_new_tokens=200, temperature=0.8, top_k=200, seed=1337)
@@ -73,6 +79,15 @@ ITERATIONS = {"quick": (200, 100), "default": (2000, 250), "full": (2000, 250)} 
 
 def dataset_of(run: Run) -> str:
     return run.settings.get("dataset", TrainConfig.dataset)
+
+
+def suite_of(run: Run) -> str:
+    """The suite that trains ``run``: ``training_bpe`` for GPT-2 BPE tokens (each run over
+    half an hour on a CPU), ``training_peers`` for another package's optimizer (installed
+    with the ``peers`` extra), ``training`` for the rest; each publishes on its own."""
+    if dataset_of(run) == "bpe":
+        return "training_bpe"
+    return "training_peers" if REGISTRY[run.optimizer].package is not None else "training"
 
 
 def hparams_of(run: Run) -> dict:
@@ -88,18 +103,19 @@ def base_config(profile: str, device: torch.device) -> TrainConfig:
                        log_interval=eval_interval, device=device.type)
 
 
-def suite_config(profile: str, dataset: str = "char") -> dict:
+def suite_config(profile: str, suite: str = "training") -> dict:
     max_iters, eval_interval = ITERATIONS[profile]
     return {"base": {k: v for k, v in vars(TrainConfig()).items()
                      if k not in ("out_dir", "resume", "seed", "optimizer_hparams")},
             "max_iters": max_iters, "eval_interval": eval_interval,
             "hparams": HPARAMS, "sample": SAMPLE,
             "runs": {name: {"optimizer": run.optimizer,
-                            "n_kv_head": run.settings.get("n_kv_head"), "dataset": dataset,
+                            "n_kv_head": run.settings.get("n_kv_head"),
+                            "dataset": dataset_of(run),
                             "profiles": run.profiles, "hparams": hparams_of(run),
                             "max_seeds": run.max_seeds}
                      for name, run in RUNS.items()
-                     if profile in run.profiles and dataset_of(run) == dataset}}
+                     if profile in run.profiles and suite_of(run) == suite}}
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +136,7 @@ def driver(request, device, profile, seeds, runs_root):
     """
     names = dict.fromkeys(item.callspec.params["label"] for item in request.session.items
                           if item.module is request.module)
+    names = [name for name in names if missing_package(RUNS[name].optimizer) is None]
     trials = plan([RUNS[name] for name in names], seeds, base_config(profile, device), runs_root,
                   profile)
     with Driver(trials, request.config.getoption("--train-workers")) as running:
@@ -127,7 +144,7 @@ def driver(request, device, profile, seeds, runs_root):
 
 
 @pytest.mark.benchmark(group="training")
-@pytest.mark.parametrize("label", [name for name, run in RUNS.items() if dataset_of(run) == "char"])
+@pytest.mark.parametrize("label", [name for name, run in RUNS.items() if suite_of(run) == "training"])
 def test_training(benchmark, record, device, profile, label, driver):
     train_and_record(benchmark, record, device, profile, label, driver)
 
@@ -138,6 +155,9 @@ def train_and_record(benchmark, record, device, profile, label, driver):
     if profile not in run.profiles:
         pytest.skip(f"in the {' and '.join(run.profiles)} "
                     f"profile{'s' if len(run.profiles) > 1 else ''}: run with --profile full")
+    hint = missing_package(run.optimizer)
+    if hint:
+        pytest.skip(hint)
     trials = [t for t in driver.trials if t.run.name == label]
     finished = []
     benchmark.pedantic(lambda: finished.extend(driver.result(t) for t in trials),

@@ -11,15 +11,15 @@ from __future__ import annotations
 import pytest
 
 from bench.test_training import (  # noqa: F401 (module fixtures pytest must see here)
-    RUNS, dataset_of, driver, runs_root, summarize, train_and_record)
+    RUNS, driver, runs_root, suite_of, summarize, train_and_record)
 from bench.test_training import suite_config as _suite_config
 
 
 def suite_config(profile: str) -> dict:
-    return _suite_config(profile, dataset="bpe")
+    return _suite_config(profile, "training_bpe")
 
 
 @pytest.mark.benchmark(group="training (GPT-2 BPE)")
-@pytest.mark.parametrize("label", [name for name, run in RUNS.items() if dataset_of(run) == "bpe"])
+@pytest.mark.parametrize("label", [name for name, run in RUNS.items() if suite_of(run) == "training_bpe"])
 def test_training_bpe(benchmark, record, device, profile, label, driver):
     train_and_record(benchmark, record, device, profile, label, driver)
