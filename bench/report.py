@@ -36,11 +36,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 from bench.results import check_writable_dir, is_current, read_results
 from memeff import cli
-from memeff.optim.registry import BASELINE, OPTIMIZER_NAMES, REGISTRY, label, spec
+from memeff.optim.registry import BASELINE, OPTIMIZER_NAMES, PEER_NAMES, REGISTRY, label, spec
 
 REPO = Path(__file__).resolve().parents[1]
-SUITES = ("kv_cache", "optimizer_state", "step_time", "training", "training_bpe", "lr_sweep",
-          "sharded")
+SUITES = ("kv_cache", "optimizer_state", "step_time", "training", "training_bpe",
+          "training_peers", "lr_sweep", "sharded")
+TRAINING_SUITES = ("training", "training_bpe", "training_peers")
 COMPARED_PROFILES = ("default", "quick")  # the user's own runs, for --compare
 MARKER = re.compile(r"<!-- results:([\w-]+) -->.*?<!-- /results:\1 -->", re.DOTALL)
 
@@ -100,14 +101,21 @@ TRAINING_FIELDS = {
 READ_FIELDS = {  # suite -> the fields the report reads from a file of its current rows
     "training": TRAINING_FIELDS,
     "training_bpe": TRAINING_FIELDS,
+    "training_peers": TRAINING_FIELDS,
     "optimizer_state": {
         "rows[]": {"shape": LIST, "optimizer": OPTIMIZER, "dtype?": TEXT,
                    "ratio_to_adamw": NUMBER, "live_bytes": INTEGER, "analytic_bytes": INTEGER}},
     "step_time": {
         "rows[]": {"optimizer": OPTIMIZER},
+        # the peers' fields ("?": absent from rows written before the peers were timed)
+        "rows[test_step_time]": {
+            "model": TEXT, "timed_shapes?": TEXT, "shape_note?": TEXT, "first_step_s?": NUMBER,
+            "compile_s?": NUMBER, "refresh_interval?": INTEGER, "refresh_step_median_s?": NUMBER},
         "summary": {"*": {"<optimizer>": {
             "interleaved_median_s": NUMBER, "ratio_to_adamw": NUMBER,
-            "ratio_to_adamw_foreach": NUMBER, "fraction_of_floor": NUMBER}}}},
+            "ratio_to_adamw_foreach": NUMBER, "fraction_of_floor": NUMBER, "peer?": BOOLEAN,
+            "amortized_ratio_to_adamw?": NUMBER, "refresh_ratio_to_adamw?": NUMBER,
+            "compile_s?": NUMBER, "shape_note?": TEXT}}}},
     "kv_cache": {
         "rows[]": {"test": TEXT},
         "rows[test_decode]": {
@@ -136,8 +144,8 @@ READ_FIELDS = {  # suite -> the fields the report reads from a file of its curre
                    "step_time_ratio?": NUMBER, "max_param_rel_diff?": NUMBER,
                    "micro_batch_rel_diff?": NUMBER,
                    "step_peak_method?": TEXT, "collective_method": TEXT},
-        "summary": {"<optimizer>": {"works": BOOLEAN, "exact": BOOLEAN,
-                                    "max_param_rel_diff?": NUMBER,
+        "summary": {"<optimizer>": {"works": BOOLEAN, "exact": BOOLEAN, "error?": TEXT,
+                                    "outcome?": TEXT, "max_param_rel_diff?": NUMBER,
                                     "micro_batch_rel_diff?": NUMBER, "world_sizes[]": INTEGER}}},
     "lr_sweep": {
         "config": {"max_iters": INTEGER, "base": {"eval_iters": INTEGER},
@@ -378,7 +386,8 @@ def kv_share_of_mha(base: dict, n_kv_head: int) -> float:
 
 # ---- README.md blocks -------------------------------------------------------------------
 
-STEP_MODELS_NOTE = "interleaved medians of a whole-model step"
+STEP_MODELS_NOTE = ("interleaved medians of a whole-model step, a projector's refresh spread "
+                    "over its interval")
 
 
 def headline_block(results: dict[str, dict], data_link: Callable[[str], str]) -> str:
@@ -392,21 +401,45 @@ def headline_block(results: dict[str, dict], data_link: Callable[[str], str]) ->
     adamw_run = tuned_run(training, BASELINE)
     adamw_state = summary[adamw_run]["optimizer_state_bytes"] if adamw_run else None
 
+    peers = current(results, "training_peers")
+    peers_reason = None if peers is None else not_comparable(training, peers)
+    shapes = step_rows(step) if step else {}
     rows, seeds = [], set()
-    for name in OPTIMIZER_NAMES:
-        run = tuned_run(training, name)
-        if run is None:
+    budget_shapes: dict[str, str] = {}  # timed shapes -> their footnote mark
+    for name in OPTIMIZER_NAMES + PEER_NAMES:
+        document = training if name in OPTIMIZER_NAMES else peers
+        run = None if document is None else tuned_run(document, name)
+        if name in OPTIMIZER_NAMES and run is None:
             continue
-        loss = whole_split(summary[run])
-        seeds.add(loss["n"])
-        state = summary[run]["optimizer_state_bytes"]
-        cells = [label(name), mean_spread(loss, f"training {run} val loss"),
-                 "n/a" if adamw_state is None else
-                 num(100 * ratio(state, adamw_state, f"training {run} state"), ".1f", run) + "%"]
+        if name in PEER_NAMES and run is None and not any(
+                name in step["summary"][m] for m in models) and not (
+                sharded and name in sharded["summary"]):
+            continue  # a peer measured nowhere yet
+        if run is None:
+            loss_cell = state_cell = "not yet measured" if document is None else "n/a"
+        else:
+            loss = whole_split(document["summary"][run])
+            loss_cell = mean_spread(loss, f"{document['suite']} {run} val loss")
+            if document is training or peers_reason is None:
+                seeds.add(loss["n"])
+            else:
+                loss_cell += f" ({document['config']['max_iters']} iterations)"
+            state = document["summary"][run]["optimizer_state_bytes"]
+            state_cell = ("n/a" if adamw_state is None else num(
+                100 * ratio(state, adamw_state, f"{document['suite']} {run} state"), ".1f", run) + "%")
+        cells = [optimizer_cell(name), loss_cell, state_cell]
         for model in models:
             entry = step["summary"][model].get(name)
-            cells.append("n/a" if entry is None else
-                         num(entry["ratio_to_adamw"], ".2f", f"step_time {model} {name}") + "x")
+            if entry is None:
+                cells.append("n/a")
+                continue
+            timed = shapes.get((model, name), {}).get("timed_shapes") or model
+            mark = ""
+            if timed != model:  # a footnote mark per set of shapes timed in place of a model's
+                budget_shapes.setdefault(timed, "†" * (len(budget_shapes) + 1))
+                mark = budget_shapes[timed]
+            cells.append(num(amortized_ratio(entry), ".2f", f"step_time {model} {name}")
+                         + "x" + mark)
         if not models:
             cells.append("not yet measured")
         cells.append(fsdp_cell(sharded, name))
@@ -434,8 +467,20 @@ def headline_block(results: dict[str, dict], data_link: Callable[[str], str]) ->
     note = (f"Baby GPT on Tiny Shakespeare (characters), {training['config']['max_iters']} "
             f"iterations, each optimizer at the lr and weight decay its sweep chose; loss is "
             f"mean ± half the range over {n} seeds; state is the whole model's optimizer state.")
+    note += " Peers (other packages' optimizers, each at the best point of its own lr sweep) in italics"
+    if peers is None:
+        waiting = pending(results, "training_peers").strip("_")
+        note += "; their training runs: " + waiting[0].lower() + waiting[1:]
+    elif peers_reason is not None:
+        note += (f"; their training runs are of {peers_reason}, not comparable: run "
+                 f"`{run_command('training_peers')}`.")
+    else:
+        note += f" ([training_peers.json]({data_link('training_peers')}))."
     if step:
-        note += f" Step time: {STEP_MODELS_NOTE} ([step_time.json]({data_link('step_time')}))."
+        note += f" Step time: {STEP_MODELS_NOTE} ([step_time.json]({data_link('step_time')}))"
+        for timed, mark in budget_shapes.items():
+            note += f"; {mark}: timed on {timed}, the model's own shapes past the time budget"
+        note += "."
     else:
         waiting = pending(results, "step_time").strip("_")
         note += " Step time: " + waiting[0].lower() + waiting[1:]
@@ -461,17 +506,49 @@ def exact_rule(sharded: dict) -> str:
             "times what accumulating the same batch in micro-batches changes in one process")
 
 
+FSDP_OUTCOMES = ("exact", "runs but differs", "fails")
+
+
+def fsdp_outcome(entry: dict) -> str:
+    """One of :data:`FSDP_OUTCOMES` for an optimizer's sharded summary: the suite's own
+    word where it gives one, else from whether it works and is exact."""
+    outcome = entry.get("outcome")
+    if outcome is not None:
+        if outcome not in FSDP_OUTCOMES:
+            raise ValueError(f"sharded summary outcome {outcome!r} is not one of "
+                             f"{', '.join(FSDP_OUTCOMES)}")
+        return outcome
+    if not entry["works"]:
+        return "fails"
+    return "exact" if entry["exact"] else "runs but differs"
+
+
+def error_kind(error: str | None) -> str:
+    """The exception's name at the start of an error message, else the message's first
+    words: what a table cell has room for."""
+    found = re.match(r"\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit))\b", error or "")
+    if found:
+        return found.group(1).rsplit(".", 1)[-1]
+    words = (error or "no error recorded").split()
+    return " ".join(words[:4]) + (" ..." if len(words) > 4 else "")
+
+
 def fsdp_cell(sharded: dict | None, name: str) -> str:
-    """Whether ``name`` runs under FSDP2 and how far from one process it ends."""
+    """Whether ``name`` runs under FSDP2 and how far from one process it ends: exact, runs
+    but differs, or fails (and with what); "n/a" for an optimizer the suite did not run."""
     if sharded is None:
         return "not yet measured"
     entry = sharded["summary"].get(name)
     if entry is None:
         return "n/a"
-    if not entry["works"]:
-        return "no: fails"
-    diff = num(entry["max_param_rel_diff"], ".0e", f"sharded {name} max_param_rel_diff")
-    return f"yes, exact to {diff}" if entry["exact"] else f"runs, but off by {diff}"
+    outcome = fsdp_outcome(entry)
+    if outcome == "fails":
+        error = entry.get("error") or next((r.get("error") for r in sharded["rows"]
+                                            if r["optimizer"] == name and not r["works"]), None)
+        return f"no: fails ({error_kind(error).replace('`', '')})"
+    diff = entry.get("max_param_rel_diff")
+    diff = "n/a" if diff is None else num(diff, ".0e", f"sharded {name} max_param_rel_diff")
+    return f"yes, exact to {diff}" if outcome == "exact" else f"runs, but off by {diff}"
 
 
 def figure_link(name: str, alt: str, link: Callable[[str], str]) -> str:
@@ -565,24 +642,49 @@ def baseline_block(results: dict[str, dict]) -> str:
          "final val loss, whole split", "median ms/iter per seed"], rows, "llrrrl")])
 
 
-def training_block(training: dict, bpe: dict | None, link: Callable[[str], str]) -> str:
+def not_comparable(training: dict, other: dict) -> str | None:
+    """Why ``other``'s runs (the peers') cannot be set beside ``training``'s, else None."""
+    mine, theirs = other["config"], training["config"]
+    if mine["max_iters"] != theirs["max_iters"]:
+        return f"{mine['max_iters']} iterations against {theirs['max_iters']}"
+    differing = sorted(k for k in set(mine["base"]) | set(theirs["base"])
+                       if k not in ("optimizer", "learning_rate", "weight_decay", "max_iters")
+                       and mine["base"].get(k) != theirs["base"].get(k))
+    return f"other settings ({', '.join(differing)})" if differing else None
+
+
+def peers_pending(results: dict[str, dict]) -> str | None:
+    """What a block says of the peers' training runs when they are not published."""
+    if current(results, "training_peers") is not None:
+        return None
+    waiting = pending(results, "training_peers").strip("_")
+    return "Peers' training runs: " + waiting[0].lower() + waiting[1:]
+
+
+def training_block(training: dict, bpe: dict | None, link: Callable[[str], str],
+                   peers: dict | None = None) -> str:
     """Every run: losses over seeds, optimizer-state bytes, KV cache; the GPT-2 BPE runs
-    (their own suite) after the char-level ones."""
+    (their own suite) after the char-level ones, then the peers' (theirs too), whose
+    state is a share of the char-level AdamW's."""
     base = training["config"]["base"]
-    rows = []
-    for document in (training, bpe):
+    rows, adamw_state = [], {}
+    for document in (training, bpe, peers):
         if document is None:
             continue
         summary, first = document["summary"], first_rows(document)
-        adamw_state = {r["dataset"]: summary[run]["optimizer_state_bytes"]
-                       for run, r in first.items()
-                       if r["optimizer"] == BASELINE and r["n_kv_head"] == r["n_head"]}
+        adamw_state.update({r["dataset"]: summary[run]["optimizer_state_bytes"]
+                            for run, r in first.items()
+                            if r["optimizer"] == BASELINE and r["n_kv_head"] == r["n_head"]})
+        iterations = ("" if document["config"]["max_iters"] == training["config"]["max_iters"]
+                      else f", {document['config']['max_iters']} iterations")
         for run, r in first.items():
             stats, state = summary[run], summary[run]["optimizer_state_bytes"]
             whole = stats.get("final_val_loss_whole_split")
             share = ("n/a" if r["dataset"] not in adamw_state else
                      num(100 * ratio(state, adamw_state[r["dataset"]], run), ".1f", run) + "%")
-            rows.append([run_label(r, base), f"{r['learning_rate']:g} / {r['weight_decay']:g}",
+            name = run_label(r, base) + iterations
+            rows.append([f"*{name}*" if r["optimizer"] in PEER_NAMES else name,
+                         f"{r['learning_rate']:g} / {r['weight_decay']:g}",
                          str(stats["final_val_loss"]["n"]),
                          mean_spread(stats["final_train_loss"], f"{run} train loss"),
                          mean_spread(stats["final_val_loss"], f"{run} val loss"),
@@ -593,32 +695,52 @@ def training_block(training: dict, bpe: dict | None, link: Callable[[str], str])
                     f"final val loss ({estimate(training)})", "final val loss, whole split",
                     "optimizer state", f"% of {label(BASELINE)}", "KV cache, % of MHA"],
                    rows, "llrrrrrrr")]
+    if peers is not None:
+        parts.append("Peers (other packages' optimizers, each at the best point of its own lr "
+                     "sweep) in italics.")
     parts += [figure_link("loss_curves.png", FIGURES["loss_curves.png"][2], link),
               figure_link("loss_vs_state.png", FIGURES["loss_vs_state.png"][2], link)]
     return "\n\n".join(parts)
 
 
-def paired_gaps_block(training: dict) -> str:
-    """Each headline run's whole-split loss minus AdamW's at the same seed."""
+def seed_gaps(runs: list[dict], by_seed: dict[int, dict]) -> list[tuple[int, float]]:
+    """(seed, whole-split val loss minus the reference's at that seed) for each of ``runs``
+    whose seed the reference has, both with a whole-split loss."""
+    key = "final_val_loss_whole_split"
+    return [(r["seed"], r[key] - by_seed[r["seed"]][key]) for r in runs
+            if r["seed"] in by_seed and key in r and key in by_seed[r["seed"]]]
+
+
+def paired_gaps_block(training: dict, peers: dict | None = None) -> str:
+    """Each headline run's whole-split loss minus AdamW's at the same seed; the peers' runs
+    (their own suite) against the same AdamW runs, where they are comparable."""
     base = training["config"]["base"]
     reference = tuned_run(training, BASELINE)
     if reference is None:
         return f"_No {label(BASELINE)} run at its tuned settings in the training results._"
     by_seed = {r["seed"]: r for r in training["rows"] if r["label"] == reference}
+    runs = [(training, run) for run in headline_labels(training) if run != reference]
+    reason = None if peers is None else not_comparable(training, peers)
+    if peers is not None and reason is None:
+        runs += [(peers, run) for run in headline_labels(peers)]
     rows = []
-    for run in headline_labels(training):
-        if run == reference:
-            continue
-        runs = [r for r in training["rows"] if r["label"] == run]
-        gaps = [(r["seed"], r["final_val_loss_whole_split"] - by_seed[r["seed"]]["final_val_loss_whole_split"])
-                for r in runs if r["seed"] in by_seed and "final_val_loss_whole_split" in r
-                and "final_val_loss_whole_split" in by_seed[r["seed"]]]
+    for document, run in runs:
+        seeds = [r for r in document["rows"] if r["label"] == run]
+        gaps = seed_gaps(seeds, by_seed)
         if not gaps:
             continue
         mean = sum(g for _, g in gaps) / len(gaps)
-        rows.append([run_label(runs[0], base), num(mean, "+.4f", f"{run} gap"),
+        name = run_label(seeds[0], base)
+        rows.append([f"*{name}*" if seeds[0]["optimizer"] in PEER_NAMES else name,
+                     num(mean, "+.4f", f"{run} gap"),
                      ", ".join(f"{seed}: {num(g, '+.4f', f'{run} gap')}" for seed, g in gaps)])
-    return table(["run", f"minus {label(BASELINE)}, mean", "per seed"], rows, "lrl")
+    text = table(["run", f"minus {label(BASELINE)}, mean", "per seed"], rows, "lrl")
+    if reason is not None:
+        text += (f"\n\nPeers (other packages' optimizers) not paired: their runs are of "
+                 f"{reason}; run `{run_command('training_peers')}`.")
+    elif peers is not None:
+        text += "\n\nPeers (other packages' optimizers) in italics."
+    return text
 
 
 def samples_block(training: dict) -> str:
@@ -641,24 +763,37 @@ def float32_rows(state: dict) -> list[dict]:
     return [r for r in state["rows"] if r.get("dtype", "torch.float32") == "torch.float32"]
 
 
-def state_block(state: dict, link: Callable[[str], str]) -> str:
-    rows = [r for r in float32_rows(state) if "subset_size" not in r]
-    shapes = list(dict.fromkeys(tuple(r["shape"]) for r in rows))
-    names = [n for n in REGISTRY if any(r["optimizer"] == n for r in rows)]
+def state_table(rows: list[dict], names: Sequence[str]) -> str:
+    """One row per optimizer of ``names`` measured in ``rows``, one column per parameter
+    shape any of them was measured on: its state as a share of AdamW's."""
+    names = [n for n in names if any(r["optimizer"] == n for r in rows)]
+    shapes = list(dict.fromkeys(tuple(r["shape"]) for r in rows if r["optimizer"] in names))
     by_key = {(tuple(r["shape"]), r["optimizer"]): r for r in rows}
     body = []
-    for shape in shapes:
-        cells = ["x".join(map(str, shape))]
-        for name in names:
+    for name in names:
+        cells = [label(name)]
+        for shape in shapes:
             r = by_key.get((shape, name))
             cells.append("n/a" if r is None else
                          num(100 * r["ratio_to_adamw"], ".2f", f"optimizer_state {shape} {name}") + "%")
         body.append(cells)
+    return table(["optimizer", *("x".join(map(str, s)) for s in shapes)], body,
+                 "l" + "r" * len(shapes))
+
+
+def state_block(state: dict, link: Callable[[str], str]) -> str:
+    """Ours (and torch's) and the peers in two tables: optimizers down, parameter shapes
+    across (the peers over the shapes their profile measures)."""
+    rows = [r for r in float32_rows(state) if "subset_size" not in r]
+    ours = [n for n in REGISTRY if n not in PEER_NAMES]
     agree = all(r["live_bytes"] == r["analytic_bytes"] for r in state["rows"])
-    parts = [table(["parameter shape", *(label(n) for n in names)], body, "l" + "r" * len(names)),
-             "Measured bytes of the state tensors as a share of AdamW's, float32 parameters; "
-             + ("on every row the live tensors hold exactly the bytes of the formula."
-                if agree else "**some rows' live tensors differ from the formula.**")]
+    parts = [state_table(rows, ours)]
+    if any(r["optimizer"] in PEER_NAMES for r in rows):
+        parts += ["Peers (other packages' optimizers):", state_table(rows, PEER_NAMES)]
+    parts.append("Measured bytes of the state tensors as a share of AdamW's, float32 "
+                 "parameters; " + ("on every row the live tensors hold exactly the bytes of the "
+                                   "formula." if agree else
+                                   "**some rows' live tensors differ from the formula.**"))
     subsets = [r for r in float32_rows(state) if "subset_size" in r]
     if subsets:
         sizes = list(dict.fromkeys(str(r["subset_size"]) for r in subsets))
@@ -683,27 +818,81 @@ def kernels_text(value: Any) -> str:
     return str(value)
 
 
+def optimizer_cell(name: str) -> str:
+    """An optimizer's label in a table; a peer's (another package's optimizer) in italics."""
+    return f"*{label(name)}*" if name in PEER_NAMES else label(name)
+
+
+def amortized_ratio(entry: dict) -> float:
+    """A step-time summary entry's ratio to fused AdamW with its projector refreshes spread
+    over their interval (the plain ratio where the entry predates refresh timing)."""
+    return entry.get("amortized_ratio_to_adamw", entry["ratio_to_adamw"])
+
+
+def step_rows(step: dict) -> dict[tuple[str, str], dict]:
+    """The step suite's whole-model rows by (model, optimizer)."""
+    return {(r["model"], r["optimizer"]): r for r in step["rows"]
+            if r["test"].startswith("test_step_time")}
+
+
+def seconds_cell(value: float | None, field: str) -> str:
+    return "n/a" if value is None else num(value, ".2f", field)
+
+
 def step_block(results: dict[str, dict], link: Callable[[str], str]) -> str:
+    """Each optimizer's steady step against both AdamW forms (a projector's refresh also
+    spread over its interval), then the one-off costs (first step, compile, a refresh
+    step alone) of the optimizers that have them."""
     step = current(results, "step_time")
     if step is None:
         return pending(results, "step_time")
-    rows = []
+    by_key = step_rows(step)
+    rows, once, notes = [], [], []
     for model in sorted(step["summary"]):
         for name in REGISTRY:
             e = step["summary"][model].get(name)
             if e is None:
                 continue
+            r = by_key.get((model, name), {})
             field = f"step_time summary {model} {name}"
-            rows.append([model, label(name),
+            timed = r.get("timed_shapes") or model
+            if timed != model:  # the model's own shapes would have taken too long
+                notes.append(f"{label(name)} on {model}: "
+                             f"{r.get('shape_note') or e.get('shape_note') or 'timed on ' + timed}.")
+            amortized = ("" if e.get("refresh_ratio_to_adamw") is None else
+                         num(amortized_ratio(e), ".2f", field + " amortized") + "x")
+            rows.append([timed, optimizer_cell(name),
                          num(e["interleaved_median_s"] * 1e3, ".2f", field + " interleaved_median_s"),
                          num(e["ratio_to_adamw"], ".2f", field + " ratio_to_adamw") + "x",
                          num(e["ratio_to_adamw_foreach"], ".2f", field + " ratio_to_adamw_foreach") + "x",
+                         amortized,
                          num(100 * e["fraction_of_floor"], ".0f", field + " fraction_of_floor") + "%",
                          kernels_text(e.get("kernels"))])
-    return "\n\n".join([
-        table(["model", "optimizer", "step (ms)", f"/ {label(BASELINE)}", f"/ {label('adamw_foreach')}",
-               "of the bandwidth floor", "kernels"], rows, "llrrrrl"),
-        figure_link("step_time_ratio.png", FIGURES["step_time_ratio.png"][2], link)])
+            if e.get("compile_s") is not None or r.get("refresh_interval") is not None:
+                refresh = r.get("refresh_step_median_s")
+                once.append([timed, optimizer_cell(name),
+                             seconds_cell(r.get("first_step_s"), field + " first_step_s"),
+                             seconds_cell(e.get("compile_s"), field + " compile_s"),
+                             "n/a" if r.get("refresh_interval") is None else str(r["refresh_interval"]),
+                             "n/a" if refresh is None else num(refresh * 1e3, ".1f", field + " refresh"),
+                             "n/a" if e.get("refresh_ratio_to_adamw") is None else
+                             num(e["refresh_ratio_to_adamw"], ".1f", field + " refresh ratio") + "x"])
+    parts = [table(["model", "optimizer", "step (ms)", f"/ {label(BASELINE)}",
+                    f"/ {label('adamw_foreach')}", "with refreshes, / fused",
+                    "of the bandwidth floor", "kernels"], rows, "llrrrrrl"),
+             "Peers (other packages' optimizers) in italics. Step: the interleaved median of a "
+             "step without a projector refresh; with refreshes: the refresh step spread over "
+             "its interval, against the same fused AdamW median."]
+    parts += notes
+    if once:
+        parts.append("One-off costs, kept out of the medians above: the first step (which makes "
+                     "the state; for a torch.compile'd step, compiles), the cold compile's share "
+                     "of it, and a step that refreshes the projector, timed alone:")
+        parts.append(table(["model", "optimizer", "first step (s)", "compile (s)",
+                            "refresh every (steps)", "refresh step (ms)",
+                            f"refresh / {label(BASELINE)}"], once, "llrrrrr"))
+    parts.append(figure_link("step_time_ratio.png", FIGURES["step_time_ratio.png"][2], link))
+    return "\n\n".join(parts)
 
 
 def mib(nbytes: float, fmt: str, field: str) -> str:
@@ -886,9 +1075,13 @@ def blocks(results: dict[str, dict], link: Callable[[str], str], data_link: Call
         # results/README.md
         "provenance": provenance_block(results, data_link, matplotlib_version),
         "baseline": baseline_block(results),
-        "training": (training_block(training, results.get("training_bpe"), link) if training
-                     else pending(results, "training")),
-        "paired-gaps": paired_gaps_block(training) if training else pending(results, "training"),
+        "training": (with_note(training_block(training, results.get("training_bpe"), link,
+                                              current(results, "training_peers")),
+                               peers_pending(results))
+                     if training else pending(results, "training")),
+        "paired-gaps": (with_note(paired_gaps_block(training, current(results, "training_peers")),
+                                  peers_pending(results))
+                        if training else pending(results, "training")),
         "optimizer-state": state_block(state, link) if state else pending(results, "optimizer_state"),
         "step-time": step_block(results, link),
         "kv-shapes": kv_shapes_block(kv) if kv else pending(results, "kv_cache"),
@@ -898,6 +1091,10 @@ def blocks(results: dict[str, dict], link: Callable[[str], str], data_link: Call
         "ablations": ablations_block(sweep) if sweep else pending(results, "lr_sweep"),
         "samples": samples_block(training) if training else pending(results, "training"),
     }
+
+
+def with_note(text: str, note: str | None) -> str:
+    return text if note is None else f"{text}\n\n{note}"
 
 
 def render_markdown(text: str, filled: dict[str, str], source: str = "README") -> str:
@@ -946,30 +1143,50 @@ def _ratio_axis(ax, axis: str = "x") -> None:
 
 
 def step_time_figure(plt, step: dict):
+    """One panel per model: each optimizer's step time over fused AdamW's (a peer not timed
+    on a model in this profile is said to be), a tick where refreshes amortize to."""
     summary = step["summary"]
     models = sorted(summary)
-    names = [n for n in REGISTRY if n != BASELINE and all(n in summary[m] for m in models)]
-    fig, axes = plt.subplots(1, len(models), figsize=(10, 1.2 + 0.42 * len(names)),
+    names = [n for n in REGISTRY if n != BASELINE and any(n in summary[m] for m in models)]
+    shapes = {key: r.get("timed_shapes") or key[0] for key, r in step_rows(step).items()}
+    fig, axes = plt.subplots(1, len(models), figsize=(10, 1.4 + 0.42 * len(names)),
                              sharey=True, squeeze=False)
+    y = list(range(len(names)))
     for ax, model in zip(axes[0], models):
-        ratios = [summary[model][n]["ratio_to_adamw"] for n in names]
-        y = list(range(len(names)))
-        colors = ["tab:green" if r < 1 else "tab:red" for r in ratios]
-        ax.barh(y, [r - 1 for r in ratios], left=1.0, height=0.6, color=colors)
+        timed = [(yi, n, summary[model][n]) for yi, n in zip(y, names) if n in summary[model]]
+        ratios = [e["ratio_to_adamw"] for _, _, e in timed]
+        amortized = [amortized_ratio(e) for _, _, e in timed
+                     if e.get("refresh_ratio_to_adamw") is not None]
+        ax.barh([yi for yi, _, _ in timed], [r - 1 for r in ratios], left=1.0, height=0.6,
+                color=["tab:green" if r < 1 else "tab:red" for r in ratios])
         ax.axvline(1.0, color="black", linewidth=1)
         ax.set_xscale("log")
-        lo, hi = min(ratios + [1.0]), max(ratios + [1.0])
-        ax.set_xlim(lo / 1.8, hi * 2.2)
-        for yi, r in zip(y, ratios):
-            ax.text(r * 1.05 if r >= 1 else r / 1.05, yi, f"{r:.2f}x", va="center",
-                    ha="left" if r >= 1 else "right", fontsize=8)
+        lo, hi = min(ratios + amortized + [1.0]), max(ratios + amortized + [1.0])
+        ax.set_xlim(lo / 1.8, hi * 3.0)
+        for (yi, n, e), r in zip(timed, ratios):
+            text = f"{r:.2f}x" + ("†" if shapes.get((model, n), model) != model else "")
+            end = r
+            if e.get("refresh_ratio_to_adamw") is not None:
+                end = max(r, amortized_ratio(e)) if r >= 1 else r
+                ax.plot([amortized_ratio(e)], [yi], marker="|", markersize=12,
+                        color="black", linestyle="none")
+                text += f" ({amortized_ratio(e):.2f}x)"
+            ax.text(end * 1.08 if r >= 1 else end / 1.08, yi, text, va="center",
+                    ha="left" if r >= 1 else "right", fontsize=7)
+        for yi, n in zip(y, names):
+            if n not in summary[model]:
+                ax.text(1.05, yi, "not timed in this profile", va="center", ha="left",
+                        fontsize=7, color="gray")
         _ratio_axis(ax)
         ax.set_yticks(y, labels=[label(n) for n in names])
+        for tick, n in zip(ax.get_yticklabels(), names):
+            tick.set_fontstyle("italic" if n in PEER_NAMES else "normal")
         ax.grid(axis="y", visible=False)
         ax.set(title=model, xlabel=f"step time / {label(BASELINE)} (log scale)")
-    axes[0][0].invert_yaxis()
-    fig.suptitle(f"Optimizer step time against {label(BASELINE)}, same run: "
-                 "green faster, red slower")
+    axes[0][0].set_ylim(len(names) - 0.5, -0.5)  # the first name on top
+    fig.suptitle(f"Optimizer step time against {label(BASELINE)}, same run: green faster, "
+                 "red slower; peers in italics\n| and (x): a projector's refresh spread over "
+                 "its interval; †: timed on fewer blocks of the model's shapes")
     fig.tight_layout()
     return fig
 
@@ -1043,25 +1260,55 @@ def loss_curves_figure(plt, training: dict):
     return fig
 
 
-def loss_vs_state_figure(plt, training: dict):
-    summary, first, base = training["summary"], first_rows(training), training["config"]["base"]
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    for run in headline_labels(training):
-        if first[run]["n_kv_head"] != first[run]["n_head"]:
-            continue  # GQA and MQA change the KV cache, not the optimizer state
-        loss = whole_split(summary[run])
-        x = summary[run]["optimizer_state_bytes"] / 2**20
-        ax.errorbar([x], [loss["mean"]], yerr=[[loss["mean"] - loss["min"]], [loss["max"] - loss["mean"]]],
-                    marker="o", capsize=3, linestyle="none", label=run_label(first[run], base))
-        ax.annotate(run_label(first[run], base), (x, loss["mean"]), xytext=(6, 4),
-                    textcoords="offset points", fontsize=7)
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points (x, y) no other point beats on both, smaller being better: none
+    has x and y both at most theirs and one of them less. In order of x."""
+    front = [i for i, (x, y) in enumerate(points)
+             if not any(ox <= x and oy <= y and (ox, oy) != (x, y) for ox, oy in points)]
+    return sorted(front, key=lambda i: points[i])
+
+
+def loss_vs_state_figure(plt, training: dict, peers: dict | None = None):
+    """Whole-split val loss against optimizer-state bytes, ours and the peers' (where their
+    runs are comparable), with the Pareto frontier: the points no other beats on both."""
+    base = training["config"]["base"]
+    documents = [training] + ([peers] if peers is not None
+                              and not_comparable(training, peers) is None else [])
+    points = []  # (state MiB, mean loss, loss stats, name, peer)
+    for document in documents:
+        summary, first = document["summary"], first_rows(document)
+        for run in headline_labels(document):
+            if first[run]["n_kv_head"] != first[run]["n_head"]:
+                continue  # GQA and MQA change the KV cache, not the optimizer state
+            loss = whole_split(summary[run])
+            points.append((summary[run]["optimizer_state_bytes"] / 2**20, loss["mean"], loss,
+                           run_label(first[run], base), first[run]["optimizer"] in PEER_NAMES))
+    fig, ax = plt.subplots(figsize=(9, 5.4))
+    front = pareto_front([(x, y) for x, y, *_ in points])
+    if len(front) > 1:
+        xs = [points[i][0] for i in front]
+        ys = [points[i][1] for i in front]
+        ax.step(xs, ys, where="post", color="gray", linewidth=2, alpha=0.5, zorder=1,
+                label="Pareto frontier: no other point has less state and lower loss")
+    for i, (x, y, loss, name, peer) in enumerate(points):
+        ax.errorbar([x], [y], yerr=[[y - loss["min"]], [loss["max"] - y]],
+                    marker="s" if peer else "o", capsize=3, linestyle="none", color=f"C{i % 10}",
+                    zorder=2)
+        ax.annotate(name, (x, y), xytext=(6, 4), textcoords="offset points", fontsize=7,
+                    fontstyle="italic" if peer else "normal",
+                    fontweight="bold" if i in front else "normal")
+    ax.plot([], [], marker="o", linestyle="none", color="gray", label="ours and torch's")
+    if len(documents) > 1:
+        ax.plot([], [], marker="s", linestyle="none", color="gray",
+                label="peers (other packages), in italics")
     ax.set_xscale("log")
     ax.set(xlabel="optimizer state, whole model (MiB, measured; log scale)",
            ylabel="final val loss, whole split\n(mean; bars: min to max over seeds)",
            title=f"Optimizer memory against final loss, baby GPT, "
-                 f"{training['config']['max_iters']} iterations")
+                 f"{training['config']['max_iters']} iterations (bold: on the frontier)")
     lo, hi = ax.get_xlim()
     ax.set_xlim(lo, hi * 3)  # room for the point labels
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
     fig.tight_layout()
     return fig
 
@@ -1103,12 +1350,16 @@ def state_ratio_figure(plt, state: dict):
     shapes = list(dict.fromkeys(tuple(r["shape"]) for r in rows))
     names = [n for n in REGISTRY if any(r["optimizer"] == n for r in rows)]
     markers = ("o", "s", "^", "D", "v", "P")
+    width = min(0.12, 0.8 / max(len(names), 1))  # each shape's points stay within its slot
     fig, ax = plt.subplots(figsize=(10, 3.8))
     for i, name in enumerate(names):
         ratios = {tuple(r["shape"]): r["ratio_to_adamw"] for r in rows if r["optimizer"] == name}
-        xs = [x + (i - (len(names) - 1) / 2) * 0.12 for x, s in enumerate(shapes) if s in ratios]
+        xs = [x + (i - (len(names) - 1) / 2) * width for x, s in enumerate(shapes) if s in ratios]
         ax.plot(xs, [ratios[s] for s in shapes if s in ratios], marker=markers[i % len(markers)],
-                linestyle="none", markersize=6, label=label(name))
+                linestyle="none", markersize=6, color=f"C{i % 10}",
+                fillstyle="none" if name in PEER_NAMES else "full",
+                label=label(name) + (" (peer)" if name in PEER_NAMES else ""))
+    ax.set_xlim(-0.5, len(shapes) - 0.5)
     ax.axhline(1.0, color="black", linewidth=1)
     ax.set_yscale("log")
     from matplotlib.ticker import FuncFormatter
@@ -1202,6 +1453,11 @@ FIGURES = {  # file name -> (suite it needs, builder, what it shows)
 }
 
 
+FIGURE_EXTRAS = {  # file name -> other suites its builder takes too (None when not published)
+    "loss_vs_state.png": ("training_peers",),
+}
+
+
 def figures(results: dict[str, dict]) -> dict[str, bytes]:
     """PNG bytes per file name, for every figure whose suite is published with current rows
     (a builder returns None when its suite's rows hold nothing to draw)."""
@@ -1210,7 +1466,8 @@ def figures(results: dict[str, dict]) -> dict[str, bytes]:
     for name, (suite, build, _) in FIGURES.items():
         document = current(results, suite)
         if document is not None:
-            fig = build(plt, document)
+            extras = (current(results, s) for s in FIGURE_EXTRAS.get(name, ()))
+            fig = build(plt, document, *extras)
             if fig is None:
                 continue
             try:
@@ -1385,7 +1642,7 @@ def compare(directory: Path, published_dir: Path) -> str:
             if not is_current(yours):
                 out += [header, f"  {path} has older rows; rerun the suite", ""]
                 continue
-            if suite in ("training", "training_bpe"):
+            if suite in TRAINING_SUITES:
                 lines = compare_training(yours, theirs)
             elif suite == "step_time":
                 lines = (compare_step_time(yours, theirs) if is_current(theirs) else

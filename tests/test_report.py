@@ -148,13 +148,13 @@ def test_a_figure_that_fails_leaves_every_output_as_it_was(tmp_path, outputs, mo
     run, snapshot = outputs
     results = tmp_path / "results"
     results.mkdir()
-    shutil.copy(RESULTS / "optimizer_state.json", results)
+    shutil.copy(RESULTS / "kv_cache.json", results)  # a suite whose committed rows are current
 
     def fail(plt, document):
         raise RuntimeError("drawing failed")
 
-    suite, _, alt = report.FIGURES["optimizer_state_ratio.png"]
-    monkeypatch.setitem(report.FIGURES, "optimizer_state_ratio.png", (suite, fail, alt))
+    suite, _, alt = report.FIGURES["decode_time.png"]
+    monkeypatch.setitem(report.FIGURES, "decode_time.png", (suite, fail, alt))
     before = snapshot()
     with pytest.raises(RuntimeError, match="drawing failed"):
         run(results)
@@ -221,14 +221,48 @@ def decode_document(new_rows: bool):
             "suite": "kv_cache", "schema_version": SCHEMA_VERSIONS["kv_cache"] - (not new_rows)}
 
 
-def step_document(new_rows: bool):
-    key = "ratio_to_adamw" if new_rows else "ratio_to_adamw_fused"
-    entries = {name: {key: r, "ratio_to_adamw_foreach": r / 3, "fraction_of_floor": 0.5,
-                      "interleaved_median_s": r * 1e-3, "kernels": {"step": "fused C++"}}
-               for name, r in (("adamw", 1.0), ("adamsn", 0.8), ("adamw_foreach", 3.0))}
-    return {"summary": {"baby": entries, "gpt2-124M": copy.deepcopy(entries)}, "rows": [],
-            "profile": "full", "environment": ENVIRONMENT, "suite": "step_time",
-            "schema_version": SCHEMA_VERSIONS["step_time"] - (not new_rows)}
+def step_document(new_rows: bool, peers: bool = False):
+    """A step_time results file; with ``new_rows`` in the suite's current format, with
+    ``peers`` also GaLore (a projector refreshed every 200 steps) on the baby model only and
+    Muon timed on one block of GPT-2 small's shapes."""
+    from bench.test_step_time import SUMMARY_KEYS, summarize
+
+    if not new_rows:
+        entries = {name: {"ratio_to_adamw_fused": r, "ratio_to_adamw_foreach": r / 3,
+                          "fraction_of_floor": 0.5, "interleaved_median_s": r * 1e-3,
+                          "kernels": {"step": "fused C++"}}
+                   for name, r in (("adamw", 1.0), ("adamsn", 0.8), ("adamw_foreach", 3.0))}
+        return {"summary": {"baby": entries, "gpt2-124M": copy.deepcopy(entries)}, "rows": [],
+                "profile": "full", "environment": ENVIRONMENT, "suite": "step_time",
+                "schema_version": SCHEMA_VERSIONS["step_time"] - 1}
+
+    def row(model, name, r, refresh=None, compile_s=None, timed=None):
+        median = r * 1e-3
+        amortized = median if refresh is None else median + (refresh[1] - median) / refresh[0]
+        row = dict(test=f"test_step_time[{model}-{name}]", model=model, optimizer=name,
+                   peer=name in report.PEER_NAMES, timed_shapes=timed or model,
+                   shape_note=None if timed is None else f"timed on {timed}: too slow",
+                   interleaved_median_s=median, ratio_to_adamw=r, ratio_to_adamw_foreach=r / 3,
+                   fraction_of_floor=0.5, kernels="torch", first_step_s=0.5,
+                   compile_s=compile_s, refresh_interval=None if refresh is None else refresh[0],
+                   refresh_step_median_s=None if refresh is None else refresh[1],
+                   refresh_ratio_to_adamw=None if refresh is None else refresh[1] / 1e-3,
+                   amortized_median_s=amortized, amortized_ratio_to_adamw=amortized / 1e-3,
+                   state_bytes=100)
+        assert set(SUMMARY_KEYS) <= set(row)
+        return row
+
+    rows = []
+    for model in ("baby", "gpt2-124M"):
+        rows += [row(model, "adamw", 1.0), row(model, "adamsn", 0.8),
+                 row(model, "adamw_foreach", 3.0)]
+    if peers:
+        rows += [row("baby", "galore_adamw", 2.0, refresh=(200, 0.2), compile_s=None),
+                 row("baby", "torchao_adamw8bit", 1.5, compile_s=40.0),
+                 row("gpt2-124M", "torch_muon", 30.0, timed="gpt2-124M, 1 of 12 blocks")]
+    return {"summary": summarize(rows), "rows": rows, "profile": "full",
+            "environment": ENVIRONMENT, "suite": "step_time", "seeds": [1337], "config": {},
+            "schema_version": SCHEMA_VERSIONS["step_time"]}
 
 
 @pytest.mark.parametrize("suite, make, block", [
@@ -490,3 +524,201 @@ def test_a_sharded_file_with_a_bad_field_is_named(tmp_path):
     message = r"rows\[1\]\.state_bytes_per_rank\[0\] is '1', not an integer"
     with pytest.raises(ValueError, match=message):
         report.read_checked(path)
+
+
+# ---- the peers (other packages' optimizers) beside ours -----------------------------------
+
+def peers_document(max_iters: int = 10):
+    """A training_peers results file: GaLore and Adam-mini at seeds 1 and 2 (as
+    training_document's), in the suite's own format."""
+    from bench.results import environment, results_document
+    from bench.test_training import summarize
+
+    document = training_document()
+    rows = []
+    for name, val, state in (("galore_adamw", 2.05, 600), ("adam_mini", 2.3, 420)):
+        for seed in (1, 2):
+            rows.append({**document["rows"][seed - 1], "test": f"test_training_peers[{name}]",
+                         "label": name, "optimizer": name, "final_val_loss": val,
+                         "final_val_loss_whole_split": val + 0.02 * seed,
+                         "optimizer_state_bytes": state, "max_iters": max_iters})
+    config = copy.deepcopy(document["config"])
+    config["max_iters"] = max_iters
+    config["hparams"].update({name: config["hparams"]["adamw"] for name in ("galore_adamw", "adam_mini")})
+    config["runs"] = {name: {"hparams": dict(config["hparams"]["adamw"])}
+                      for name in ("galore_adamw", "adam_mini")}
+    peers = results_document("training_peers", "full", environment(), [1, 2], config, rows)
+    peers["summary"] = summarize(rows)
+    return peers
+
+
+def test_peers_training_rows_follow_ours_with_their_state_against_our_adamw():
+    lines = report.training_block(training_document(), None, str, peers_document()).splitlines()
+    assert lines[5].startswith("| *GaLore AdamW* | 0.003 / 0.1 | 2 |")
+    assert "| 2.0800 ± 0.0100 | 600 B | 75.0% | 100% |" in lines[5]
+    assert lines[6].startswith("| *Adam-mini* |") and "| 420 B | 52.5% |" in lines[6]
+
+
+def test_peers_are_paired_with_adamw_at_the_same_seed_when_their_runs_compare():
+    gaps = report.paired_gaps_block(training_document(), peers_document()).splitlines()
+    # GaLore: 2.07 - 2.01 at seed 1, 2.09 - 2.22 at seed 2
+    assert "| *GaLore AdamW* | -0.0350 | 1: +0.0600, 2: -0.1300 |" in gaps
+    assert "| *Adam-mini* | +0.2150 | 1: +0.3100, 2: +0.1200 |" in gaps
+    short = report.paired_gaps_block(training_document(), peers_document(max_iters=5))
+    assert "GaLore" not in short
+    assert ("Peers (other packages' optimizers) not paired: their runs are of 5 iterations "
+            "against 10; run `python -m pytest bench/test_training_peers.py") in short
+
+
+def test_headline_has_a_row_per_peer_with_what_is_missing_said():
+    results = {"training": training_document(), "training_peers": peers_document(),
+               "step_time": step_document(True, peers=True), "sharded": sharded_document()}
+    lines = report.blocks(results, str, str, "x")["headline"].splitlines()
+    galore = next(line for line in lines if line.startswith("| *GaLore AdamW* |"))
+    # the refresh amortized: 2 ms + (200 ms - 2 ms) / 200; not timed on GPT-2; not sharded
+    assert galore == "| *GaLore AdamW* | 2.0800 ± 0.0100 | 75.0% | 2.99x | n/a | n/a |"
+    muon = next(line for line in lines if line.startswith("| *Muon + AdamW (torch)* |"))
+    assert muon == "| *Muon + AdamW (torch)* | n/a | n/a | n/a | 30.00x† | n/a |"
+    headline = "\n".join(lines)
+    assert "†: timed on gpt2-124M, 1 of 12 blocks" in headline
+    assert "Peers (other packages' optimizers" in headline and "in italics" in headline
+
+    short = report.blocks({**results, "training_peers": peers_document(max_iters=5)},
+                          str, str, "x")["headline"]
+    assert "| *GaLore AdamW* | 2.0800 ± 0.0100 (5 iterations) | 75.0% |" in short
+    assert "their training runs are of 5 iterations against 10, not comparable" in short
+
+    del results["training_peers"]
+    missing = report.blocks(results, str, str, "x")["headline"]
+    assert "| *GaLore AdamW* | not yet measured | not yet measured | 2.99x | n/a | n/a |" in missing
+    assert ("their training runs: not yet published: run `python -m pytest "
+            "bench/test_training_peers.py --benchmark-only --profile full`.") in missing
+    assert "Adam-mini" not in missing  # measured nowhere
+
+
+def test_training_and_gap_blocks_say_when_the_peers_are_not_published():
+    made = report.blocks({"training": training_document()}, str, str, "x")
+    for block in ("training", "paired-gaps"):
+        assert made[block].endswith("Peers' training runs: not yet published: run `python -m "
+                                    "pytest bench/test_training_peers.py --benchmark-only "
+                                    "--profile full`.")
+
+
+def test_step_block_shows_peers_their_shapes_refreshes_and_compiles_apart():
+    block = report.blocks({"step_time": step_document(True, peers=True)}, str, str, "x")["step-time"]
+    lines = block.splitlines()
+    assert "| baby | *GaLore AdamW* | 2.00 | 2.00x | 0.67x | 2.99x | 50% | torch |" in lines
+    assert "| baby | AdamSN | 0.80 | 0.80x | 0.27x |  | 50% | torch |" in lines
+    assert any(line.startswith("| gpt2-124M, 1 of 12 blocks | *Muon + AdamW (torch)* | 30.00 |")
+               for line in lines)
+    assert ("Muon + AdamW (torch) on gpt2-124M: timed on gpt2-124M, 1 of 12 blocks: too slow."
+            in lines)
+    once = lines[lines.index(next(line for line in lines if line.startswith("One-off costs"))) + 4:]
+    assert once[0] == "| baby | *AdamW 8-bit (torchao)* | 0.50 | 40.00 | n/a | n/a | n/a |"
+    assert once[1] == "| baby | *GaLore AdamW* | 0.50 | n/a | 200 | 200.0 | 200.0x |"
+
+
+def test_the_step_figure_keeps_peers_timed_on_one_model_only():
+    document = step_document(True, peers=True)
+    plt = report._pyplot()
+    fig = report.step_time_figure(plt, document)
+    try:
+        fig.canvas.draw()
+        names = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+        assert "GaLore AdamW" in names and "Muon + AdamW (torch)" in names
+        texts = [t.get_text() for t in fig.axes[1].texts]
+        assert "not timed in this profile" in texts  # GaLore on GPT-2 small
+        assert "30.00x†" in texts
+    finally:
+        plt.close(fig)
+
+
+def state_document(peer_shapes=((512, 512),)):
+    """An optimizer_state results file: ours over three shapes, two peers over ``peer_shapes``."""
+    rows = []
+    for shape in ((128, 128), (512, 512), (768,)):
+        for name, share in (("adamw", 1.0), ("adamsn", 0.5), ("adafactor", 0.01)):
+            rows.append(dict(shape=list(shape), optimizer=name, dtype="torch.float32",
+                             ratio_to_adamw=share, live_bytes=8, analytic_bytes=8))
+    for shape in peer_shapes:
+        for name, share in (("bnb_adamw8bit", 0.25), ("lion_pytorch", 0.5)):
+            rows.append(dict(shape=list(shape), optimizer=name, dtype="torch.float32",
+                             ratio_to_adamw=share, live_bytes=8, analytic_bytes=8))
+    return {"rows": rows, "suite": "optimizer_state", "profile": "quick",
+            "environment": ENVIRONMENT, "schema_version": SCHEMA_VERSIONS["optimizer_state"]}
+
+
+def test_state_block_puts_ours_and_the_peers_in_two_narrow_tables():
+    lines = report.state_block(state_document(), str).splitlines()
+    assert lines[0] == "| optimizer | 128x128 | 512x512 | 768 |"
+    assert lines[3] == "| AdamSN | 50.00% | 50.00% | 50.00% |"
+    peers = lines.index("Peers (other packages' optimizers):")
+    assert lines[peers + 2] == "| optimizer | 512x512 |"  # the shapes the peers were measured on
+    assert lines[peers + 4] == "| AdamW 8-bit (bitsandbytes) | 25.00% |"
+    assert lines[peers + 5] == "| Lion (lion-pytorch) | 50.00% |"
+    assert "Peers" not in report.state_block(state_document(peer_shapes=()), str)
+
+
+def test_pareto_front_keeps_the_points_no_other_beats_on_both():
+    points = [(1.0, 3.0), (2.0, 2.0), (2.0, 2.5), (4.0, 2.0), (8.0, 1.0), (0.5, 4.0), (1.0, 3.0)]
+    assert report.pareto_front(points) == [5, 0, 6, 1, 4]  # ties with each other both kept
+
+
+def test_loss_vs_state_draws_the_peers_and_the_frontier():
+    plt = report._pyplot()
+    fig = report.loss_vs_state_figure(plt, training_document(), peers_document())
+    try:
+        ax = fig.axes[0]
+        names = {t.get_text(): t for t in ax.texts}
+        assert {"GaLore AdamW", "Adam-mini", "AdamSN"} <= set(names)
+        # state 400 B (2.115) < 420 B (2.33) < 600 B (2.08) < 800 B (2.115): AdamSN and GaLore
+        assert names["AdamSN"].get_fontweight() == "bold"
+        assert names["GaLore AdamW"].get_fontweight() == "bold"
+        assert names["Adam-mini"].get_fontweight() == "normal"
+        assert names["Adam-mini"].get_fontstyle() == "italic"
+        assert any("Pareto frontier" in t.get_text() for t in ax.get_legend().get_texts())
+    finally:
+        plt.close(fig)
+    pngs = report.figures({"training": training_document(), "training_peers": peers_document()})
+    assert pngs["loss_vs_state.png"] != report.figures({"training": training_document()})["loss_vs_state.png"]
+
+
+@pytest.mark.parametrize("entry, cell", [
+    (dict(works=True, exact=True, max_param_rel_diff=1e-7), "yes, exact to 1e-07"),
+    (dict(works=True, exact=False, max_param_rel_diff=3e-3), "runs, but off by 3e-03"),
+    (dict(works=False, exact=False, error="torch.distributed.DistStoreError: `x` timed out"),
+     "no: fails (DistStoreError)"),
+    (dict(works=False, exact=False, error="the step raised on rank 1"),
+     "no: fails (the step raised on ...)"),
+    (dict(works=True, exact=True, outcome="runs but differs", max_param_rel_diff=2e-5),
+     "runs, but off by 2e-05"),
+], ids=["exact", "differs", "fails", "fails-without-a-type", "suite-says"])
+def test_fsdp_cell_gives_each_outcome(entry, cell):
+    sharded = {"summary": {"apollo": {"world_sizes": [2, 3], **entry}}, "rows": []}
+    assert report.fsdp_cell(sharded, "apollo") == cell
+    assert report.fsdp_cell(sharded, "lion_pytorch") == "n/a"  # not in the sharded file
+    assert report.fsdp_cell(None, "apollo") == "not yet measured"
+
+
+def test_a_training_peers_file_with_a_bad_field_is_named(tmp_path):
+    from memeff.io import write_json
+
+    document = peers_document()
+    document["rows"][0]["optimizer"] = "adam_maxi"
+    write_json(tmp_path / "training_peers.json", document)
+    with pytest.raises(ValueError, match=r"training_peers\.json: field rows\[0\]\.optimizer is "
+                                         r"'adam_maxi', not an optimizer name"):
+        report.load_results(tmp_path)
+
+
+def test_a_step_row_with_a_bad_peer_field_is_named(tmp_path):
+    from bench.results import environment
+    from memeff.io import write_json
+
+    document = step_document(True, peers=True)
+    document["environment"] = environment()
+    document["rows"][-1]["timed_shapes"] = 12
+    write_json(tmp_path / "step_time.json", document)
+    with pytest.raises(ValueError, match=r"step_time\.json: field rows\[8\]\.timed_shapes is 12, "
+                                         r"not a string"):
+        report.load_results(tmp_path)
