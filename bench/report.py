@@ -75,6 +75,9 @@ BOOLEAN: Kind = ("true or false", lambda v: isinstance(v, bool))
 TEXT: Kind = ("a string", lambda v: isinstance(v, str))
 OBJECT: Kind = ("an object", lambda v: isinstance(v, dict))
 LIST: Kind = ("a list", lambda v: isinstance(v, list))
+INTEGER_OR_NULL: Kind = ("an integer or null", lambda v: v is None or INTEGER[1](v))
+FSDP_OUTCOMES = ("exact", "runs but differs", "fails")  # bench/test_sharded.py's classify
+FSDP_OUTCOME: Kind = (f"one of {', '.join(FSDP_OUTCOMES)}", lambda v: v in FSDP_OUTCOMES)
 OPTIMIZER: Kind = (f"an optimizer name ({', '.join(REGISTRY)})",
                    lambda v: isinstance(v, str) and v in REGISTRY)
 
@@ -139,13 +142,14 @@ READ_FIELDS = {  # suite -> the fields the report reads from a file of its curre
                    "error?": TEXT, "n_params": INTEGER, "batch_per_rank": INTEGER,
                    "block_size": INTEGER, "threads_per_rank": INTEGER, "cpu_cores": INTEGER,
                    "state_bytes_per_rank[]?": INTEGER, "analytic_state_bytes_per_rank[]?": INTEGER,
-                   "step_peak_bytes_per_rank[]?": INTEGER,
+                   "step_peak_bytes_per_rank[]?": INTEGER_OR_NULL,
                    "step_median_s_per_rank[]?": NUMBER, "collective_share_per_rank[]?": NUMBER,
                    "step_time_ratio?": NUMBER, "max_param_rel_diff?": NUMBER,
                    "micro_batch_rel_diff?": NUMBER,
-                   "step_peak_method?": TEXT, "collective_method": TEXT},
+                   "step_peak_method?": TEXT, "collective_method": TEXT,
+                   "classification?": FSDP_OUTCOME, "state_formula_holds?": BOOLEAN},
         "summary": {"<optimizer>": {"works": BOOLEAN, "exact": BOOLEAN, "error?": TEXT,
-                                    "outcome?": TEXT, "max_param_rel_diff?": NUMBER,
+                                    "classification?": FSDP_OUTCOME, "max_param_rel_diff?": NUMBER,
                                     "micro_batch_rel_diff?": NUMBER, "world_sizes[]": INTEGER}}},
     "lr_sweep": {
         "config": {"max_iters": INTEGER, "base": {"eval_iters": INTEGER},
@@ -468,6 +472,8 @@ def headline_block(results: dict[str, dict], data_link: Callable[[str], str]) ->
             f"iterations, each optimizer at the lr and weight decay its sweep chose; loss is "
             f"mean ± half the range over {n} seeds; state is the whole model's optimizer state.")
     note += " Peers (other packages' optimizers, each at the best point of its own lr sweep) in italics"
+    if peers is not None and untuned(peers):
+        note += f" ({', '.join(label(n) for n in untuned(peers))}: not yet tuned, at nanoGPT's lr)"
     if peers is None:
         waiting = pending(results, "training_peers").strip("_")
         note += "; their training runs: " + waiting[0].lower() + waiting[1:]
@@ -506,21 +512,29 @@ def exact_rule(sharded: dict) -> str:
             "times what accumulating the same batch in micro-batches changes in one process")
 
 
-FSDP_OUTCOMES = ("exact", "runs but differs", "fails")
-
-
 def fsdp_outcome(entry: dict) -> str:
     """One of :data:`FSDP_OUTCOMES` for an optimizer's sharded summary: the suite's own
-    word where it gives one, else from whether it works and is exact."""
-    outcome = entry.get("outcome")
-    if outcome is not None:
-        if outcome not in FSDP_OUTCOMES:
-            raise ValueError(f"sharded summary outcome {outcome!r} is not one of "
-                             f"{', '.join(FSDP_OUTCOMES)}")
-        return outcome
+    ``classification`` where it gives one (files from before it do not), else from whether
+    it works and is exact."""
+    if entry.get("classification") is not None:
+        return entry["classification"]
     if not entry["works"]:
         return "fails"
     return "exact" if entry["exact"] else "runs but differs"
+
+
+def row_outcome(row: dict, config: dict) -> str:
+    """A sharded row's :data:`FSDP_OUTCOMES` entry (from the suite's exactness rule where
+    the row predates its ``classification``); "one process" for N = 1."""
+    if row["world_size"] == 1:
+        return "one process"
+    if row.get("classification") is not None:
+        return row["classification"]
+    if not row["works"]:
+        return "fails"
+    exact = row["max_param_rel_diff"] <= max(config["exact_tolerance"],
+                                             config["exact_rounding_factor"] * row["micro_batch_rel_diff"])
+    return "exact" if exact else "runs but differs"
 
 
 def error_kind(error: str | None) -> str:
@@ -653,6 +667,14 @@ def not_comparable(training: dict, other: dict) -> str | None:
     return f"other settings ({', '.join(differing)})" if differing else None
 
 
+def untuned(peers: dict) -> list[str]:
+    """The peers in ``peers`` trained without a tuned learning rate (the registry has none
+    for them yet: they ran at the baby config's)."""
+    trained = {r["optimizer"] for r in peers["rows"]}
+    return [n for n in PEER_NAMES if n in trained
+            and "learning_rate" not in peers["config"]["hparams"].get(n, {})]
+
+
 def peers_pending(results: dict[str, dict]) -> str | None:
     """What a block says of the peers' training runs when they are not published."""
     if current(results, "training_peers") is not None:
@@ -697,7 +719,9 @@ def training_block(training: dict, bpe: dict | None, link: Callable[[str], str],
                    rows, "llrrrrrrr")]
     if peers is not None:
         parts.append("Peers (other packages' optimizers, each at the best point of its own lr "
-                     "sweep) in italics.")
+                     "sweep) in italics." + (
+                         f" Not yet tuned, at nanoGPT's lr: {', '.join(label(n) for n in untuned(peers))}."
+                         if untuned(peers) else ""))
     parts += [figure_link("loss_curves.png", FIGURES["loss_curves.png"][2], link),
               figure_link("loss_vs_state.png", FIGURES["loss_vs_state.png"][2], link)]
     return "\n\n".join(parts)
@@ -910,9 +934,9 @@ def sharded_block(results: dict[str, dict], link: Callable[[str], str]) -> str:
     for r in sorted(rows, key=lambda r: (r["model"], list(REGISTRY).index(r["optimizer"]),
                                          r["world_size"])):
         field = f"sharded {r['model']} {r['optimizer']} N={r['world_size']}"
-        cells = [r["model"], label(r["optimizer"]), str(r["world_size"])]
+        cells = [r["model"], optimizer_cell(r["optimizer"]), str(r["world_size"])]
         if not r["works"]:
-            body.append(cells + ["n/a"] * 8 + ["no"])
+            body.append(cells + ["n/a"] * 8 + [row_outcome(r, sharded["config"])])
             continue
         state = max(r["state_bytes_per_rank"])
         base = one_process.get((r["model"], r["optimizer"]))
@@ -924,7 +948,8 @@ def sharded_block(results: dict[str, dict], link: Callable[[str], str]) -> str:
                   num(r["step_time_ratio"], ".2f", field + " ratio") + "x",
                   num(100 * max(r["collective_share_per_rank"]), ".0f", field + " share") + "%",
                   num(r["max_param_rel_diff"], ".1e", field + " difference"),
-                  num(r["micro_batch_rel_diff"], ".1e", field + " micro-batches"), "yes"]
+                  num(r["micro_batch_rel_diff"], ".1e", field + " micro-batches"),
+                  row_outcome(r, sharded["config"])]
         body.append(cells)
     failures = {}
     for r in rows:
@@ -932,8 +957,10 @@ def sharded_block(results: dict[str, dict], link: Callable[[str], str]) -> str:
             failures.setdefault(r["optimizer"], (r["error"] or "").replace("`", "'"))
     first = next((r for r in rows if r["works"]), rows[0])
     threads = f"{first['threads_per_rank']} thread{'s' if first['threads_per_rank'] != 1 else ''}"
-    agree = all(r["state_bytes_per_rank"] == r["analytic_state_bytes_per_rank"]
-                for r in rows if r["works"])
+    differ = list(dict.fromkeys(  # optimizers whose live state is not their formula's bytes
+        label(r["optimizer"]) for r in rows if r["works"] and not (
+            r["state_formula_holds"] if r.get("state_formula_holds") is not None
+            else r["state_bytes_per_rank"] == r["analytic_state_bytes_per_rank"])))
     notes = [
         f"{first['model']} ({first['n_params']:,} parameters; {first['batch_per_rank']} "
         f"sequences of {first['block_size']} random tokens per rank; {threads} per rank on "
@@ -941,7 +968,8 @@ def sharded_block(results: dict[str, dict], link: Callable[[str], str]) -> str:
         "without FSDP2; above it each transformer block and the root are one `fully_shard` "
         "unit. State and peak memory are the largest rank's; "
         + ("on every rank the live state tensors hold exactly the formula's bytes. "
-           if agree else "**on some ranks the live state tensors differ from the formula.** ")
+           if not differ else "**on some ranks the live state tensors differ from the formula: "
+           f"{', '.join(differ)}.** ")
         + f"Peak memory: {first.get('step_peak_method') or 'n/a'}. Step: the slowest rank's "
         "median; / one process divides it by the slowest rank's median of a one-process step "
         "of the same local batch, timed in turn in the same processes. In collectives: "
@@ -954,7 +982,7 @@ def sharded_block(results: dict[str, dict], link: Callable[[str], str]) -> str:
     return "\n\n".join([
         table(["model", "optimizer", "ranks", "state per rank", "of N = 1", "peak memory per rank",
                "step (ms)", "/ one process", "in collectives", "difference", "micro-batches",
-               "works"], body, "llrrrrrrrrrl"),
+               "under FSDP2"], body, "llrrrrrrrrrl"),
         *notes,
         figure_link("sharded_state.png", FIGURES["sharded_state.png"][2], link)])
 

@@ -497,8 +497,8 @@ def test_sharded_rows_give_a_table_a_figure_and_the_headline_column():
     made = report.blocks(results, str, str, "x")
     lines = made["sharded"].splitlines()
     assert lines[3] == ("| baby | AdamW (torch, fused) | 2 | 1.00 MiB | 50.0% | 257 MiB | 20 | 2.00x "
-                        "| 25% | 1.0e-07 | 5.0e-08 | yes |")
-    assert lines[5] == "| baby | Adafactor (torch) | 2 | " + "n/a | " * 8 + "no |"
+                        "| 25% | 1.0e-07 | 5.0e-08 | exact |")
+    assert lines[5] == "| baby | Adafactor (torch) | 2 | " + "n/a | " * 8 + "fails |"
     assert "Adafactor (torch) fails under FSDP2: `RuntimeError: 'no'`" in made["sharded"]
     adamw = next(line for line in made["headline"].splitlines() if line.startswith("| AdamW"))
     assert adamw.endswith("| 100.0% | not yet measured | yes, exact to 1e-07 |")
@@ -544,7 +544,8 @@ def peers_document(max_iters: int = 10):
                          "optimizer_state_bytes": state, "max_iters": max_iters})
     config = copy.deepcopy(document["config"])
     config["max_iters"] = max_iters
-    config["hparams"].update({name: config["hparams"]["adamw"] for name in ("galore_adamw", "adam_mini")})
+    config["hparams"].update({name: dict(config["hparams"]["adamw"])
+                              for name in ("galore_adamw", "adam_mini")})
     config["runs"] = {name: {"hparams": dict(config["hparams"]["adamw"])}
                       for name in ("galore_adamw", "adam_mini")}
     peers = results_document("training_peers", "full", environment(), [1, 2], config, rows)
@@ -582,6 +583,15 @@ def test_headline_has_a_row_per_peer_with_what_is_missing_said():
     headline = "\n".join(lines)
     assert "†: timed on gpt2-124M, 1 of 12 blocks" in headline
     assert "Peers (other packages' optimizers" in headline and "in italics" in headline
+    assert "not yet tuned" not in headline
+
+    untuned = peers_document()
+    for hparams in (untuned["config"]["hparams"]["adam_mini"],
+                    untuned["config"]["runs"]["adam_mini"]["hparams"]):
+        del hparams["learning_rate"]
+    made = report.blocks({**results, "training_peers": untuned}, str, str, "x")
+    assert "in italics (Adam-mini: not yet tuned, at nanoGPT's lr)" in made["headline"]
+    assert "Not yet tuned, at nanoGPT's lr: Adam-mini." in made["training"]
 
     short = report.blocks({**results, "training_peers": peers_document(max_iters=5)},
                           str, str, "x")["headline"]
@@ -690,7 +700,7 @@ def test_loss_vs_state_draws_the_peers_and_the_frontier():
      "no: fails (DistStoreError)"),
     (dict(works=False, exact=False, error="the step raised on rank 1"),
      "no: fails (the step raised on ...)"),
-    (dict(works=True, exact=True, outcome="runs but differs", max_param_rel_diff=2e-5),
+    (dict(works=True, exact=True, classification="runs but differs", max_param_rel_diff=2e-5),
      "runs, but off by 2e-05"),
 ], ids=["exact", "differs", "fails", "fails-without-a-type", "suite-says"])
 def test_fsdp_cell_gives_each_outcome(entry, cell):
@@ -722,3 +732,24 @@ def test_a_step_row_with_a_bad_peer_field_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"step_time\.json: field rows\[8\]\.timed_shapes is 12, "
                                          r"not a string"):
         report.load_results(tmp_path)
+
+
+def test_sharded_rows_say_each_outcome_and_which_formulas_differ():
+    document = sharded_document()
+    peer = {**document["rows"][1], "optimizer": "apollo", "world_size": 3,
+            "max_param_rel_diff": 4e-3, "classification": "runs but differs",
+            "state_formula_holds": False}
+    document["rows"].append(peer)
+    document["summary"]["apollo"] = {"works": True, "exact": False, "error": None,
+                                     "classification": "runs but differs",
+                                     "max_param_rel_diff": 4e-3, "micro_batch_rel_diff": 5e-8,
+                                     "world_sizes": [3]}
+    made = report.blocks({"training": training_document(), "sharded": document}, str, str, "x")
+    apollo = next(line for line in made["sharded"].splitlines() if "| *APOLLO* |" in line)
+    assert apollo.startswith("| baby | *APOLLO* | 3 |") and apollo.endswith("| runs but differs |")
+    assert "live state tensors differ from the formula: APOLLO.**" in made["sharded"]
+    assert "| 1 |" in made["sharded"] and "| one process |" in made["sharded"]
+    document["summary"]["apollo"]["classification"] = "almost"
+    with pytest.raises(ValueError, match=r"summary\.apollo\.classification is 'almost', not one "
+                                         r"of exact, runs but differs, fails"):
+        report.check_fields(document, report.READ_FIELDS["sharded"], "sharded.json")
