@@ -1441,15 +1441,20 @@ def sharded_state_figure(plt, sharded: dict):
     if not rows:
         return None
     fails = {r["optimizer"] for r in sharded["rows"] if not r["works"]}
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, name in enumerate(n for n in REGISTRY if any(r["optimizer"] == n for r in rows)):
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    names = [n for n in REGISTRY if any(r["optimizer"] == n for r in rows)]
+    ours = [n for n in names if n not in PEER_NAMES]
+    for name in names:  # peers: squares, dashed, numbered after ours in the color cycle
+        peer = name in PEER_NAMES
+        color = f"C{(len(ours) + PEER_NAMES.index(name) if peer else ours.index(name)) % 10}"
         points = sorted((r["world_size"], max(r["state_bytes_per_rank"]) / 2**20)
                         for r in rows if r["optimizer"] == name)
-        ax.plot(*zip(*points), marker="o", color=f"C{i}",
-                label=label(name) + (": fails under FSDP2" if name in fails else ""))
+        ax.plot(*zip(*points), marker="s" if peer else "o", linestyle="--" if peer else "-",
+                color=color, label=label(name) + (" (peer)" if peer else "")
+                + (": fails under FSDP2" if name in fails else ""))
         if points[0][0] == 1:
             ax.plot([n for n, _ in points], [points[0][1] / n for n, _ in points], ":",
-                    color=f"C{i}", linewidth=1)
+                    color=color, linewidth=1)
     sizes = sorted({r["world_size"] for r in rows})
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -1458,7 +1463,7 @@ def sharded_state_figure(plt, sharded: dict):
     ax.set(xlabel="processes (world size)", ylabel="optimizer state per rank, MiB (log scale)",
            title=f"FSDP2, {rows[0]['model']}: state per rank "
                  "(dotted: state at N = 1, divided by N)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig
 
