@@ -656,14 +656,19 @@ def baseline_block(results: dict[str, dict]) -> str:
          "final val loss, whole split", "median ms/iter per seed"], rows, "llrrrl")])
 
 
+# the baby config's settings that make two training suites' runs one problem (not the
+# optimizer's own: lr, weight decay, betas; nor how the run is launched or logged)
+PROBLEM_SETTINGS = ("dataset", "n_layer", "n_head", "n_embd", "block_size", "bias", "dropout",
+                    "batch_size", "grad_accum_steps", "warmup_iters", "lr_decay_iters",
+                    "grad_clip", "eval_iters")
+
+
 def not_comparable(training: dict, other: dict) -> str | None:
     """Why ``other``'s runs (the peers') cannot be set beside ``training``'s, else None."""
     mine, theirs = other["config"], training["config"]
     if mine["max_iters"] != theirs["max_iters"]:
         return f"{mine['max_iters']} iterations against {theirs['max_iters']}"
-    differing = sorted(k for k in set(mine["base"]) | set(theirs["base"])
-                       if k not in ("optimizer", "learning_rate", "weight_decay", "max_iters")
-                       and mine["base"].get(k) != theirs["base"].get(k))
+    differing = [k for k in PROBLEM_SETTINGS if mine["base"].get(k) != theirs["base"].get(k)]
     return f"other settings ({', '.join(differing)})" if differing else None
 
 

@@ -753,3 +753,11 @@ def test_sharded_rows_say_each_outcome_and_which_formulas_differ():
     with pytest.raises(ValueError, match=r"summary\.apollo\.classification is 'almost', not one "
                                          r"of exact, runs but differs, fails"):
         report.check_fields(document, report.READ_FIELDS["sharded"], "sharded.json")
+
+
+def test_peers_compare_unless_the_problem_differs_not_the_optimizers_settings():
+    training, peers = training_document(), peers_document()
+    peers["config"]["base"].update(beta2=None, parallel="ddp", learning_rate=1.0)
+    assert report.not_comparable(training, peers) is None
+    peers["config"]["base"]["batch_size"] = 64
+    assert report.not_comparable(training, peers) == "other settings (batch_size)"
