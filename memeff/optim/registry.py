@@ -214,15 +214,16 @@ def apollo_state_bytes(group: dict, p: torch.Tensor) -> int:
 
 
 def muon_with_adamw_state_bytes(group: dict, p: torch.Tensor) -> int:
-    """Muon's ``momentum_buffer`` for a matrix it steps; AdamW's state for the rest."""
+    """Muon's ``momentum_buffer`` for a matrix it steps (like the param: under FSDP2 this
+    rank's rows); AdamW's state for the rest."""
     if group["use_muon"]:
-        return p.numel() * _itemsize(p.dtype)
+        return _local_numel(p) * _itemsize(p.dtype)
     return adamw_state_bytes(group, p)
 
 
 def lion_state_bytes(group: dict, p: torch.Tensor) -> int:
-    """Lion: ``exp_avg`` only."""
-    return p.numel() * _itemsize(p.dtype)
+    """Lion: ``exp_avg`` only (like the param: under FSDP2 this rank's rows)."""
+    return _local_numel(p) * _itemsize(p.dtype)
 
 
 def adamwsn_state_bytes(group: dict, p: torch.Tensor) -> int:
