@@ -1,17 +1,23 @@
 """Optimizers under FSDP2 (``fully_shard``) against one process: per-rank state and memory,
 step time and its share in collectives, and whether the sharded steps equal one process's.
 
-Each world size N (1 and 2 in every profile, 4 from ``default`` on) starts its N processes
-once: gloo on the CPU, one thread each; nccl on CUDA, one GPU each (a world size with more
-processes than GPUs is skipped, saying how to run it). N = 1 is one plain process without
-FSDP. In every process, for each optimizer:
+Each world size N (1 and 2 in every profile, 3 and 4 from ``default`` on) starts its N
+processes once: gloo on the CPU, one thread each; nccl on CUDA, one GPU each (a world size
+with more processes than GPUs is skipped, saying how to run it). N = 1 is one plain process
+without FSDP. The optimizers are ours and torch's baselines (:data:`OPTIMIZERS`) and every
+peer of the registry (:data:`PEERS`); a peer whose package is missing is skipped with the
+install hint and never built in the ranks. In every process, for each optimizer:
 
-1. A fresh model, sharded with :func:`memeff.distributed.shard_model` (each transformer
+1. A fresh model, sharded as :func:`memeff.distributed.shard_model` does (each transformer
    block and the root one ``fully_shard`` unit) over all ranks, takes a training step on
    this rank's ``batch_per_rank`` sequences (forward, backward, gradient clipping at 1.0,
-   optimizer step), which creates the state and says which code stepped it; what that step
-   raises is the row's ``error`` (``works`` false). The state this rank holds is counted
-   live (``state_bytes``) and by the formula (``expected_state_bytes``). A second step
+   optimizer step), which creates the state and says which code stepped it. The state this
+   rank holds is counted live (``state_bytes``) and by the formula
+   (``expected_state_bytes``; ``state_formula_holds`` says whether they agree, which is
+   asserted for ours and recorded for the peers, whose formulas count the state of plain
+   tensors). Right after this step the ranks agree on failure (:class:`OptimizerGroup`):
+   what any rank raised is the row's ``error`` (the earliest, with ``error_rank``;
+   ``works`` false) and every rank skips the rest for this optimizer. A second step
    gives the rank's peak memory (CPU: the process's peak resident set, ``VmHWM``, reset
    just before the step, after ``gc.collect`` and glibc's ``malloc_trim``; CUDA: the
    allocator's peak). A third, under ``torch.profiler``, the collective share: the part of
@@ -34,32 +40,48 @@ FSDP. In every process, for each optimizer:
    one-process median.
 
 The data are random tokens; the model's shape depends on the profile (:data:`MODELS`).
-Rows (:class:`ShardedRow`) keep one value per rank where ranks differ; the summary says per
-optimizer whether it works under FSDP2 at every world size above 1 and how exactly.
+Each optimizer has a process group of its own, which the first rank that raises tears
+down: the ranks waiting on it in a collective then fail at once (gloo: the connection is
+closed) instead of at :data:`TIMEOUT`, and the ranks agree on failure over the default
+group, after the first step and after the rest, so that one optimizer's failure never
+leaves a collective half-entered for the next. A peer whose step goes through
+torch.compile (torchao) is stepped eagerly, as in the optimizer-state suite (compiling
+each rank's shard shapes would take minutes per world size; its compiled step is timed by
+the step-time suite); its row says so (``eager_instead_of_compiled``).
+
+The data are random tokens; the model's shape depends on the profile (:data:`MODELS`).
+Rows (:class:`ShardedRow`) keep one value per rank where ranks differ, and each row's
+``classification`` (:func:`classify`): ``exact``, ``runs but differs`` or ``fails``. The
+summary says per optimizer how it fares under FSDP2 at each world size above 1 and at
+worst.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import dataclasses
 import gc
 import json
 import os
-from dataclasses import dataclass
+import time
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bench.common import (interleaved_medians, observe_kernels, peak_allocated_bytes,
+from bench.common import (compiles, interleaved_medians, observe_kernels, peak_allocated_bytes,
                           peak_rss_bytes, require_profile, synchronize)
 from bench.results import PROFILES
 from memeff import GPT, GPTConfig, distributed
 from memeff.memory import expected_state_bytes, state_bytes
 from memeff.optim import build_optimizer
+from memeff.optim.registry import PEER_NAMES, missing_package
 
 BABY = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, bias=False)
 # profile -> (model name, config, sequences per rank)
@@ -74,8 +96,13 @@ MODELS = {
     "full": ("gpt2-bpe-4L-256", GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=64,
                                           vocab_size=50257, bias=False), 2),
 }
-WORLD_SIZES = {1: "quick", 2: "quick", 4: "default"}  # -> the profile that runs it
+WORLD_SIZES = {1: "quick", 2: "quick", 3: "default", 4: "default"}  # -> the profile that runs it
 OPTIMIZERS = ("adamw", "adamsn", "adamsnsm", "adafactor", "torch_adafactor")
+PEERS = PEER_NAMES  # measured beside ours where their packages are installed
+NAMES = OPTIMIZERS + PEERS
+# a row's classification (classify), from best to worst
+EXACT_OUTCOME, DIFFERS, FAILS = "exact", "runs but differs", "fails"
+OUTCOMES = (EXACT_OUTCOME, DIFFERS, FAILS)
 HPARAMS = dict(lr=1e-3, weight_decay=0.1)
 MODEL_SEED = 0  # every model, sharded or not, starts from the same parameters
 GRAD_CLIP = 1.0
@@ -91,7 +118,9 @@ ROUNDING_FACTOR = 10
 # compete for cores while there are enough, and a rank's step is not held up by a thread
 # of its own waiting for a core (two threads in one process on a busy 2-core machine)
 THREADS_PER_RANK = 1
-TIMEOUT = timedelta(minutes=5)  # a rank left waiting on a collective fails instead of hanging
+# a rank left waiting on a collective fails instead of hanging; a rank that raises does not
+# leave the others waiting this long (OptimizerGroup)
+TIMEOUT = timedelta(minutes=5)
 RSS_METHOD = ("cpu VmHWM: the rank process's peak resident set during the step, reset just "
               "before it (after gc.collect and malloc_trim)")
 COLLECTIVE_METHOD = ("union of the intervals of torch.profiler's collective events (gloo:* "
@@ -102,7 +131,7 @@ STEP_EVENT = "memeff::sharded_step"
 pytestmark = pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
 
 
-@dataclass
+@dataclasses.dataclass
 class ShardedRow:
     """One optimizer at one world size; lists hold one value per rank, in rank order."""
     model: str
@@ -132,6 +161,13 @@ class ShardedRow:
     max_param_rel_diff: float | None
     max_update_rel_diff: float | None
     micro_batch_rel_diff: float | None  # max_param_rel_diff of one process's micro-batches
+    # (with defaults: added after the first published rows)
+    peer: bool = False  # an optimizer from another package (registry.PEER_NAMES)
+    error_rank: int | None = None  # the rank that raised ``error`` first
+    state_formula_holds: bool | None = None  # live state == formula on every rank
+    classification: str | None = None  # classify(): exact, runs but differs, fails
+    eager_instead_of_compiled: bool = False  # a torch.compile'd step, stepped eagerly here
+    measure_s: float | None = None  # rank 0's wall time for all of this row's work
 
 
 def suite_config(profile: str) -> dict:
@@ -140,10 +176,24 @@ def suite_config(profile: str) -> dict:
                    if PROFILES.index(needed) <= PROFILES.index(profile)]
     return {"model": name, "model_config": vars(config), "batch_per_rank": batch,
             "world_sizes": world_sizes, "optimizers": list(OPTIMIZERS),
+            "peers": list(PEERS), "peers_measured": [n for n in PEERS if n in measured_names()],
+            "peer_packages_missing": missing_peer_packages(),
             "hparams": HPARAMS, "model_seed": MODEL_SEED, "grad_clip": GRAD_CLIP,
             "equivalence_steps": EQUIVALENCE_STEPS, "rounds": ROUNDS[profile],
             "exact_tolerance": EXACT, "exact_rounding_factor": ROUNDING_FACTOR,
             "data": "uniform random tokens, generator seeded per step"}
+
+
+def missing_peer_packages() -> dict[str, str]:
+    """The install hint of each peer whose package is missing (its rows are skipped)."""
+    hints = {name: missing_package(name) for name in PEERS}
+    return {name: hint for name, hint in hints.items() if hint is not None}
+
+
+def measured_names() -> list[str]:
+    """The optimizers the ranks build: ours, and each peer whose package is installed."""
+    missing = missing_peer_packages()
+    return [name for name in NAMES if name not in missing]
 
 
 # ---- in each rank -----------------------------------------------------------------------
@@ -157,11 +207,22 @@ def _train_step(model, optimizer, x, y, micro_batches: int = 1) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _build(name: str, config: GPTConfig, device: torch.device, shard: bool):
+def _model(config: GPTConfig, device: torch.device, mesh=None) -> GPT:
+    """The model from :data:`MODEL_SEED`, sharded over ``mesh`` (None: not sharded) as
+    :func:`memeff.distributed.shard_model` shards it, on the optimizer's own group."""
+    from torch.distributed.fsdp import fully_shard
+
     torch.manual_seed(MODEL_SEED)
     model = GPT(config).to(device)
-    if shard:
-        distributed.shard_model(model, device.type)
+    if mesh is not None:
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def _build(name: str, config: GPTConfig, device: torch.device, mesh=None):
+    model = _model(config, device, mesh)
     return model, build_optimizer(name, model, **HPARAMS)
 
 
@@ -257,33 +318,120 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
 
 
-def measure(name: str, config: GPTConfig, batch: int, rounds: int, device: torch.device) -> dict:
-    """This rank's measurements of optimizer ``name`` (see the module docstring)."""
+class OptimizerGroup:
+    """One optimizer's process group (None in a single process) and the ranks' agreement on
+    its failure.
+
+    A rank that raises calls :meth:`fail`, which tears the group down at once: the ranks
+    waiting on it in a collective, or entering one later, then raise too (gloo closes the
+    connections) instead of waiting for :data:`TIMEOUT`. :meth:`agree`, called by every
+    rank at the same points, gathers each rank's failure over the default group (which the
+    optimizer's collectives never use) and gives the earliest, so that every rank skips the
+    rest together. On nccl a torn-down group does not wake its peers; a rank that raises
+    alone there still waits for the timeout.
+    """
+
+    def __init__(self, device_type: str, timeout: timedelta = TIMEOUT):
+        self.group = dist.new_group(timeout=timeout) if distributed.world_size() > 1 else None
+        self.device_type = device_type
+        self.failure: dict | None = None  # this rank's
+
+    def mesh(self):
+        """A 1-D device mesh over the group, for ``fully_shard``; None in a single process."""
+        if self.group is None:
+            return None
+        from torch.distributed.device_mesh import DeviceMesh
+
+        # a name of its own: DTensor caches sharding plans by mesh, and meshes over the same
+        # ranks with the same names are equal, so a later optimizer's DTensor ops would run
+        # on the mesh of a group already torn down
+        return DeviceMesh.from_group(self.group, self.device_type,
+                                     mesh_dim_names=(f"group{self.group.group_name}",))
+
+    def fail(self, exc: BaseException) -> None:
+        """Record what this rank raised (the first thing only) and tear the group down."""
+        if self.failure is None:
+            self.failure = {"error": _first_line(exc), "error_rank": distributed.rank(),
+                            "failed_at": time.time()}  # one clock: the ranks share a machine
+        self.close()
+
+    def agree(self) -> dict | None:
+        """The earliest failure of any rank so far (``error``, ``error_rank``), or None;
+        every rank calls it at the same point."""
+        failures = [f for f in distributed.all_gather(self.failure) if f is not None]
+        if not failures:
+            return None
+        self.close()
+        first = min(failures, key=lambda f: f["failed_at"])
+        return {"error": first["error"], "error_rank": first["error_rank"]}
+
+    def close(self) -> None:
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None
+
+
+def _analytic_state_bytes(optimizer) -> int | None:
+    """``expected_state_bytes``, or None where a peer's formula cannot count a DTensor."""
+    try:
+        return expected_state_bytes(optimizer)
+    except Exception:  # noqa: BLE001 - compared with the live bytes in pytest's process
+        return None
+
+
+def measure(name: str, config: GPTConfig, batch: int, rounds: int, device: torch.device,
+            group: OptimizerGroup) -> dict:
+    """This rank's measurements of optimizer ``name`` (see the module docstring); where any
+    rank fails, only ``n_params``, ``error`` and ``error_rank``."""
     world_size, rank = distributed.world_size(), distributed.rank()
     batches = _global_batches(config, batch * world_size, EQUIVALENCE_STEPS)
     mine = slice(rank * batch, (rank + 1) * batch)
     x, y = (t[mine].to(device) for t in batches[0])
 
-    model, optimizer = _build(name, config, device, shard=world_size > 1)
+    mesh = group.mesh()
+    model = _model(config, device, mesh)
     n_params = model.num_params(non_embedding=False)  # DTensors count their whole shape
-    step = partial(_train_step, model, optimizer, x, y)
+    result = {"n_params": n_params, "error": None, "error_rank": None}
+    try:  # an optimizer that fails sharded is a result
+        optimizer = build_optimizer(name, model, **HPARAMS)
+        step = partial(_train_step, model, optimizer, x, y)
+        result["kernels"] = observe_kernels(optimizer, step, device)["kernels"]  # creates the state
+        result["state_bytes"] = state_bytes(optimizer)
+        result["analytic_state_bytes"] = _analytic_state_bytes(optimizer)
+    except Exception as exc:  # noqa: BLE001
+        group.fail(exc)
+    failure = group.agree()  # before any further collective
+    if failure is not None:
+        return {"n_params": n_params, **failure}
+    # the first model goes over in a list, so that once its steps are measured nothing
+    # holds it while the plain models are built
+    first = [step]
+    del model, optimizer, step
     try:
-        kernels = observe_kernels(optimizer, step, device)["kernels"]  # creates the state
-    except Exception as exc:  # noqa: BLE001 - an optimizer that fails sharded is a result
-        return {"n_params": n_params, "error": _first_line(exc)}
-    result = {"n_params": n_params, "error": None, "kernels": kernels,
-              "state_bytes": state_bytes(optimizer),
-              "analytic_state_bytes": expected_state_bytes(optimizer)}
+        result.update(_measure_steps(name, config, batches, mine, device, mesh, rounds, first))
+    except Exception as exc:  # noqa: BLE001
+        group.fail(exc)
+    failure = group.agree()
+    return result if failure is None else {"n_params": n_params, **failure}
+
+
+def _measure_steps(name, config, batches, mine, device, mesh, rounds, first: list) -> dict:
+    """Peak memory and collective share of the steps after the first (``first``: that
+    step, to call again, taken out of the list), then equivalence and step time."""
+    world_size, rank = distributed.world_size(), distributed.rank()
+    x, y = (t[mine].to(device) for t in batches[0])
+    step = first.pop()
+    result = {}
     result["before_step_bytes"], result["step_peak_bytes"], result["step_peak_method"] = (
         step_peak_memory(step, device))
     result["collective_share"] = collective_share(step, device)
-    del model, optimizer, step
+    del step
 
     # rank 0's plain model is the one-process run on the global batch; the other ranks'
     # step their own sequences (they are only timed)
-    plain, plain_optimizer = _build(name, config, device, shard=False)
+    plain, plain_optimizer = _build(name, config, device)
     initial = {k: p.detach().clone() for k, p in plain.named_parameters()}
-    model, optimizer = _build(name, config, device, shard=world_size > 1)
+    model, optimizer = _build(name, config, device, mesh)
     reference = slice(None) if rank == 0 else mine
     for bx, by in batches:
         _train_step(plain, plain_optimizer, bx[reference].to(device), by[reference].to(device))
@@ -293,7 +441,7 @@ def measure(name: str, config: GPTConfig, batch: int, rounds: int, device: torch
         result["max_param_rel_diff"], result["max_update_rel_diff"] = differences
         # what the order of summation alone changes: one process, the same global batch
         # accumulated over world_size micro-batches (each rank's sequences)
-        accumulated, accumulated_optimizer = _build(name, config, device, shard=False)
+        accumulated, accumulated_optimizer = _build(name, config, device)
         for bx, by in batches:
             _train_step(accumulated, accumulated_optimizer, bx.to(device), by.to(device),
                         micro_batches=world_size)
@@ -310,8 +458,22 @@ def measure(name: str, config: GPTConfig, batch: int, rounds: int, device: torch
     return result
 
 
-def _rank_main(rank: int, world_size: int, device_type: str, profile: str, threads: int,
-               rendezvous: str, out: str) -> None:
+def measure_each(names, measure_one: Callable[[str, OptimizerGroup], dict],
+                 device_type: str, timeout: timedelta = TIMEOUT) -> dict[str, dict]:
+    """``measure_one(name, group)`` for each optimizer in turn, each on a fresh
+    :class:`OptimizerGroup`, closed after it whatever happened."""
+    measured = {}
+    for name in names:
+        group = OptimizerGroup(device_type, timeout)
+        try:
+            measured[name] = measure_one(name, group)
+        finally:
+            group.close()
+    return measured
+
+
+def _rank_main(rank: int, world_size: int, device_type: str, profile: str, names: list[str],
+               threads: int, rendezvous: str, out: str) -> None:
     torch.set_num_threads(threads)
     device = torch.device("cpu")
     if device_type == "cuda":
@@ -323,7 +485,17 @@ def _rank_main(rank: int, world_size: int, device_type: str, profile: str, threa
                                 world_size=world_size, timeout=TIMEOUT)
     try:
         _, config, batch = MODELS[profile]
-        mine = {name: measure(name, config, batch, ROUNDS[profile], device) for name in OPTIMIZERS}
+
+        def measure_one(name: str, group: OptimizerGroup) -> dict:
+            # torch.compile'd steps run eagerly here (see the module docstring)
+            eager = torch.compiler.set_stance("force_eager") if compiles(name) else (
+                contextlib.nullcontext())
+            started = time.perf_counter()
+            with eager:
+                result = measure(name, config, batch, ROUNDS[profile], device, group)
+            return {**result, "measure_s": time.perf_counter() - started}
+
+        mine = measure_each(names, measure_one, device_type)
         every_rank = distributed.all_gather(mine)
         if rank == 0:
             Path(out).write_text(json.dumps(every_rank))
@@ -334,16 +506,26 @@ def _rank_main(rank: int, world_size: int, device_type: str, profile: str, threa
 
 # ---- in pytest's process ----------------------------------------------------------------
 
+def selected_names(items, world_size: int) -> list[str]:
+    """The optimizers whose test_sharded rows at ``world_size`` are among ``items`` (what
+    pytest runs, after ``-k``), in :func:`measured_names`' order."""
+    selected = {item.callspec.params["name"] for item in items
+                if getattr(item, "originalname", None) == "test_sharded"
+                and item.callspec.params["world_size"] == world_size}
+    return [name for name in measured_names() if name in selected]
+
+
 @pytest.fixture(scope="module")
-def world(device, profile, tmp_path_factory):
-    """``world(n)``: every rank's measurements of each optimizer in a run of n processes,
-    started on first use."""
+def world(device, profile, tmp_path_factory, request):
+    """``world(n)``: every rank's measurements of each selected optimizer in a run of n
+    processes, started on first use."""
     runs: dict[int, list[dict]] = {}
 
     def results(world_size: int) -> list[dict]:
         if world_size not in runs:
             tmp = tmp_path_factory.mktemp(f"world{world_size}")
-            mp.spawn(_rank_main, args=(world_size, device.type, profile,
+            names = selected_names(request.session.items, world_size)
+            mp.spawn(_rank_main, args=(world_size, device.type, profile, names,
                                        THREADS_PER_RANK, str(tmp / "rendezvous"),
                                        str(tmp / "results.json")),
                      nprocs=world_size, join=True)
@@ -363,21 +545,26 @@ def per_rank(ranks: list[dict], key: str) -> list | None:
 
 
 @pytest.mark.benchmark(group="sharded")
-@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("world_size", WORLD_SIZES, ids=lambda n: f"N{n}")
 def test_sharded(record, device, profile, world, world_size, name):
     require_profile(profile, WORLD_SIZES[world_size])
     if not dist.is_available():
         pytest.skip("this torch is built without torch.distributed")
+    hint = missing_package(name) if name in PEERS else None
+    if hint is not None:
+        pytest.skip(hint)
     if device.type == "cuda" and torch.cuda.device_count() < world_size:
         pytest.skip(f"{world_size} processes need {world_size} GPUs, torch sees "
                     f"{torch.cuda.device_count()}: run python -m pytest bench/test_sharded.py "
                     f"--benchmark-only --device cuda on a machine with {world_size} or more")
     ranks = [rank_results[name] for rank_results in world(world_size)]
-    errors = [r["error"] for r in ranks if r["error"]]
+    errors = [r["error"] for r in ranks if r["error"]]  # the ranks agree: all or none
     model_name, config, batch = MODELS[profile]
     works = not errors
     steps, one_process = per_rank(ranks, "step_median_s"), per_rank(ranks, "one_process_median_s")
+    live = per_rank(ranks, "state_bytes")
+    analytic = per_rank(ranks, "analytic_state_bytes")
     row = ShardedRow(
         model=model_name, n_params=ranks[0]["n_params"],
         optimizer=name, world_size=world_size,
@@ -386,8 +573,8 @@ def test_sharded(record, device, profile, world, world_size, name):
         threads_per_rank=THREADS_PER_RANK, cpu_cores=cpu_cores(),
         works=works, error=errors[0] if errors else None,
         kernels=ranks[0]["kernels"] if works else None,
-        state_bytes_per_rank=per_rank(ranks, "state_bytes"),
-        analytic_state_bytes_per_rank=per_rank(ranks, "analytic_state_bytes"),
+        state_bytes_per_rank=live,
+        analytic_state_bytes_per_rank=None if analytic is None or None in analytic else analytic,
         before_step_bytes_per_rank=per_rank(ranks, "before_step_bytes"),
         step_peak_bytes_per_rank=per_rank(ranks, "step_peak_bytes"),
         step_peak_method=ranks[0]["step_peak_method"] if works else None,
@@ -398,9 +585,14 @@ def test_sharded(record, device, profile, world, world_size, name):
         equivalence_steps=EQUIVALENCE_STEPS,
         max_param_rel_diff=ranks[0].get("max_param_rel_diff"),
         max_update_rel_diff=ranks[0].get("max_update_rel_diff"),
-        micro_batch_rel_diff=ranks[0].get("micro_batch_rel_diff"))
+        micro_batch_rel_diff=ranks[0].get("micro_batch_rel_diff"),
+        peer=name in PEERS, error_rank=ranks[0].get("error_rank"),
+        state_formula_holds=live == analytic if works else None,
+        eager_instead_of_compiled=compiles(name), measure_s=ranks[0]["measure_s"])
+    row.classification = classify(dataclasses.asdict(row))
     record(row)
-    if works:  # a formula that disagrees with the live tensors is a bug, not a measurement
+    if works and not row.peer:  # ours: a formula that disagrees with the live tensors is a
+        # bug; a peer's formula counts plain tensors, and its row says whether it holds
         assert row.state_bytes_per_rank == row.analytic_state_bytes_per_rank
 
 
@@ -409,21 +601,38 @@ def is_exact(row: dict) -> bool:
     return row["max_param_rel_diff"] <= max(EXACT, ROUNDING_FACTOR * row["micro_batch_rel_diff"])
 
 
+def classify(row: dict) -> str:
+    """``fails`` (it raised: the row's ``error``), ``exact`` (:func:`is_exact`) or ``runs but
+    differs`` (it steps, further from one process than rounding explains)."""
+    if not row["works"]:
+        return FAILS
+    return EXACT_OUTCOME if is_exact(row) else DIFFERS
+
+
 DIFFERENCES = ("max_param_rel_diff", "max_update_rel_diff", "micro_batch_rel_diff")
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Per optimizer, over its sharded rows (world size > 1): ``works`` (at every world
+    """Per optimizer, over its sharded rows (world size > 1): ``classification``, the worst
+    of :func:`classify` over them (in :data:`OUTCOMES`' order); ``works`` (at every world
     size), ``exact`` (and :func:`is_exact` at each), the first ``error``, the largest of
-    each of :data:`DIFFERENCES` (None where it fails) and the ``world_sizes``."""
+    each of :data:`DIFFERENCES` (None where it fails), the ``world_sizes``, and
+    ``by_world_size``: per row, its world size, classification, error, the differences and
+    ``state_formula_holds``."""
     summary: dict[str, dict] = {}
     for r in rows:
         if r["world_size"] == 1:
             continue
         entry = summary.setdefault(r["optimizer"], {
-            "works": True, "exact": True, "error": None, **dict.fromkeys(DIFFERENCES, 0.0),
-            "world_sizes": []})
+            "classification": EXACT_OUTCOME, "works": True, "exact": True, "error": None,
+            **dict.fromkeys(DIFFERENCES, 0.0), "world_sizes": [], "by_world_size": []})
+        outcome = classify(r)
+        entry["classification"] = max(entry["classification"], outcome, key=OUTCOMES.index)
         entry["world_sizes"].append(r["world_size"])
+        entry["by_world_size"].append({
+            "world_size": r["world_size"], "classification": outcome, "error": r["error"],
+            **{key: r[key] for key in DIFFERENCES},
+            "state_formula_holds": r.get("state_formula_holds")})
         if not r["works"]:
             entry.update(works=False, exact=False, error=entry["error"] or r["error"],
                          **dict.fromkeys(DIFFERENCES))
