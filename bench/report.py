@@ -14,6 +14,11 @@ metadata in the PNGs.
 A suite whose committed file predates its current rows is shown as not yet measured,
 with the command that measures it, rather than read wrongly.
 
+The peers (other packages' optimizers, ``registry.PEER_NAMES``) are shown beside ours, in
+italics: their state and step-time rows from those suites, their training runs from
+``training_peers.json``, whose losses are set beside (and paired by seed with) the AdamW
+runs of ``training.json`` only where both trained the same problem (:func:`not_comparable`).
+
 ``--compare DIR`` prints the ``quick``/``default`` results in DIR beside the published
 ones (and whether they fall inside the published spread) and writes nothing.
 """
