@@ -1351,15 +1351,23 @@ def loss_vs_state_figure(plt, training: dict, peers: dict | None = None):
     return fig
 
 
+LR_SWEEP_COLUMNS = 5  # panels per row of the lr-sweep figure
+
+
 def lr_sweep_figure(plt, sweep: dict):
     rows = [r for r in sweep["rows"] if not r.get("variant")]
     diverged = [r for r in rows if r.get("diverged")]
     rows = [r for r in rows if not r.get("diverged")]
-    names = list(dict.fromkeys(r["optimizer"] for r in rows))
-    fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names), 3.4), squeeze=False)
+    names = [n for n in REGISTRY if any(r["optimizer"] == n for r in rows)]
+    ncols = min(LR_SWEEP_COLUMNS, len(names))  # the peers' panels wrap onto more rows
+    nrows = -(-len(names) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 0.4 + 3.0 * nrows),
+                             squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
     best = sweep["summary"]["best"]
     styles = ("-", "--", ":", "-.")
-    for ax, name in zip(axes[0], names):
+    for ax, name in zip(axes.flat, names):
         decays = sorted({r["weight_decay"] for r in rows if r["optimizer"] == name})
         for i, wd in enumerate(decays):
             pts = sorted((r["learning_rate"], r["final_val_loss"]) for r in rows
@@ -1375,10 +1383,13 @@ def lr_sweep_figure(plt, sweep: dict):
             ax.plot([b["learning_rate"]], [b["final_val_loss"]], marker="*", markersize=12,
                     color="black", linestyle="none", label=f"best: lr {b['learning_rate']:g}")
         ax.set_xscale("log")
-        ax.set(title=label(name), xlabel="peak learning rate (log scale)")
+        ax.set_title(label(name), fontstyle="italic" if name in PEER_NAMES else "normal")
+        ax.set_xlabel("peak learning rate (log scale)")
         ax.legend(fontsize=6)
-    axes[0][0].set_ylabel(f"final val loss ({estimate(sweep)}), one seed")
-    fig.suptitle(f"Learning-rate sweep, baby GPT, {sweep['config']['max_iters']} iterations")
+    for row in axes:
+        row[0].set_ylabel(f"final val loss ({estimate(sweep)}),\none seed")
+    fig.suptitle(f"Learning-rate sweep, baby GPT, {sweep['config']['max_iters']} iterations"
+                 + (" (peers' panels titled in italics)" if set(names) & set(PEER_NAMES) else ""))
     fig.tight_layout()
     return fig
 

@@ -761,3 +761,23 @@ def test_peers_compare_unless_the_problem_differs_not_the_optimizers_settings():
     assert report.not_comparable(training, peers) is None
     peers["config"]["base"]["batch_size"] = 64
     assert report.not_comparable(training, peers) == "other settings (batch_size)"
+
+
+def test_the_lr_sweep_figure_wraps_the_peers_panels_onto_more_rows():
+    names = ["adamw", "adamsn", "adamsnsm", "adafactor", "torch_adafactor", "apollo", "torch_muon"]
+    rows = [dict(optimizer=name, learning_rate=lr, weight_decay=0.1, final_val_loss=2.0 + lr)
+            for name in names for lr in (1e-3, 1e-2)]
+    best = {name: dict(learning_rate=1e-3, weight_decay=0.1, final_train_loss=1.9,
+                       final_val_loss=2.001) for name in names}
+    sweep = {"rows": rows, "summary": {"best": best},
+             "config": {"max_iters": 10, "base": {"eval_iters": 20}}}
+    plt = report._pyplot()
+    fig = report.lr_sweep_figure(plt, sweep)
+    try:
+        shown = [ax for ax in fig.axes if ax.get_visible()]
+        assert [ax.get_title() for ax in shown] == [report.label(n) for n in names]
+        assert len(fig.axes) == 2 * report.LR_SWEEP_COLUMNS
+        assert shown[5].get_title() == "APOLLO" and shown[5].title.get_fontstyle() == "italic"
+        assert fig.get_size_inches()[0] <= 3.0 * report.LR_SWEEP_COLUMNS
+    finally:
+        plt.close(fig)
