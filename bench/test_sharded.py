@@ -8,16 +8,15 @@ without FSDP. The optimizers are ours and torch's baselines (:data:`OPTIMIZERS`)
 peer of the registry (:data:`PEERS`); a peer whose package is missing is skipped with the
 install hint and never built in the ranks. In every process, for each optimizer:
 
-1. A fresh model, sharded as :func:`memeff.distributed.shard_model` does (each transformer
+1. A fresh model, sharded with :func:`memeff.distributed.shard_model` (each transformer
    block and the root one ``fully_shard`` unit) over all ranks, takes a training step on
    this rank's ``batch_per_rank`` sequences (forward, backward, gradient clipping at 1.0,
    optimizer step), which creates the state and says which code stepped it. The state this
    rank holds is counted live (``state_bytes``) and by the formula
    (``expected_state_bytes``; ``state_formula_holds`` says whether they agree, which is
-   asserted for ours and recorded for the peers, whose formulas count the state of plain
-   tensors). Right after this step the ranks agree on failure (:class:`OptimizerGroup`):
-   what any rank raised is the row's ``error`` (the earliest, with ``error_rank``;
-   ``works`` false) and every rank skips the rest for this optimizer. A second step
+   asserted for ours and recorded for the peers, whose formulas need not know what their
+   packages keep of a DTensor). What a rank raises, here or later, is the row's ``error``
+   (the first raised, with ``error_rank``; ``works`` false): see below. A second step
    gives the rank's peak memory (CPU: the process's peak resident set, ``VmHWM``, reset
    just before the step, after ``gc.collect`` and glibc's ``malloc_trim``; CUDA: the
    allocator's peak). A third, under ``torch.profiler``, the collective share: the part of
@@ -39,15 +38,16 @@ install hint and never built in the ranks. In every process, for each optimizer:
    ``step_time_ratio`` is the slowest rank's sharded median over the slowest rank's
    one-process median.
 
-The data are random tokens; the model's shape depends on the profile (:data:`MODELS`).
-Each optimizer has a process group of its own, which the first rank that raises tears
-down: the ranks waiting on it in a collective then fail at once (gloo: the connection is
-closed) instead of at :data:`TIMEOUT`, and the ranks agree on failure over the default
-group, after the first step and after the rest, so that one optimizer's failure never
-leaves a collective half-entered for the next. A peer whose step goes through
-torch.compile (torchao) is stepped eagerly, as in the optimizer-state suite (compiling
-each rank's shard shapes would take minutes per world size; its compiled step is timed by
-the step-time suite); its row says so (``eager_instead_of_compiled``).
+A rank whose optimizer raises writes what it raised and ends its process at once;
+``mp.spawn`` then ends the other ranks wherever they are, in a collective the failed rank
+will never enter too, so that no rank waits for :data:`TIMEOUT`, and fresh processes
+measure the optimizers still to come, so that a failure never leaves a collective
+half-entered for the next optimizer (:func:`run_world`). (A process group torn down in
+the failed rank would not do: DTensor's caches and FSDP keep it, and its connections,
+alive.) A peer whose step goes through
+torch.compile (torchao) is stepped eagerly, as in the optimizer-state suite (the state is
+the same; the compiled step is timed by the step-time suite); its row says so
+(``eager_instead_of_compiled``).
 
 The data are random tokens; the model's shape depends on the profile (:data:`MODELS`).
 Rows (:class:`ShardedRow`) keep one value per rank where ranks differ, and each row's
@@ -74,6 +74,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from bench.common import (compiles, interleaved_medians, observe_kernels, peak_allocated_bytes,
                           peak_rss_bytes, require_profile, synchronize)
@@ -119,7 +120,7 @@ ROUNDING_FACTOR = 10
 # of its own waiting for a core (two threads in one process on a busy 2-core machine)
 THREADS_PER_RANK = 1
 # a rank left waiting on a collective fails instead of hanging; a rank that raises does not
-# leave the others waiting this long (OptimizerGroup)
+# leave the others waiting this long (run_world)
 TIMEOUT = timedelta(minutes=5)
 RSS_METHOD = ("cpu VmHWM: the rank process's peak resident set during the step, reset just "
               "before it (after gc.collect and malloc_trim)")
@@ -207,23 +208,13 @@ def _train_step(model, optimizer, x, y, micro_batches: int = 1) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _model(config: GPTConfig, device: torch.device, mesh=None) -> GPT:
-    """The model from :data:`MODEL_SEED`, sharded over ``mesh`` (None: not sharded) as
-    :func:`memeff.distributed.shard_model` shards it, on the optimizer's own group."""
-    from torch.distributed.fsdp import fully_shard
-
+def _build(name: str, config: GPTConfig, device: torch.device, shard: bool,
+           build: Callable = build_optimizer):
     torch.manual_seed(MODEL_SEED)
     model = GPT(config).to(device)
-    if mesh is not None:
-        for block in model.transformer.h:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-    return model
-
-
-def _build(name: str, config: GPTConfig, device: torch.device, mesh=None):
-    model = _model(config, device, mesh)
-    return model, build_optimizer(name, model, **HPARAMS)
+    if shard:
+        distributed.shard_model(model, device.type)
+    return model, build(name, model, **HPARAMS)
 
 
 def _global_batches(config: GPTConfig, sequences: int, steps: int) -> list[tuple]:
@@ -318,59 +309,6 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
 
 
-class OptimizerGroup:
-    """One optimizer's process group (None in a single process) and the ranks' agreement on
-    its failure.
-
-    A rank that raises calls :meth:`fail`, which tears the group down at once: the ranks
-    waiting on it in a collective, or entering one later, then raise too (gloo closes the
-    connections) instead of waiting for :data:`TIMEOUT`. :meth:`agree`, called by every
-    rank at the same points, gathers each rank's failure over the default group (which the
-    optimizer's collectives never use) and gives the earliest, so that every rank skips the
-    rest together. On nccl a torn-down group does not wake its peers; a rank that raises
-    alone there still waits for the timeout.
-    """
-
-    def __init__(self, device_type: str, timeout: timedelta = TIMEOUT):
-        self.group = dist.new_group(timeout=timeout) if distributed.world_size() > 1 else None
-        self.device_type = device_type
-        self.failure: dict | None = None  # this rank's
-
-    def mesh(self):
-        """A 1-D device mesh over the group, for ``fully_shard``; None in a single process."""
-        if self.group is None:
-            return None
-        from torch.distributed.device_mesh import DeviceMesh
-
-        # a name of its own: DTensor caches sharding plans by mesh, and meshes over the same
-        # ranks with the same names are equal, so a later optimizer's DTensor ops would run
-        # on the mesh of a group already torn down
-        return DeviceMesh.from_group(self.group, self.device_type,
-                                     mesh_dim_names=(f"group{self.group.group_name}",))
-
-    def fail(self, exc: BaseException) -> None:
-        """Record what this rank raised (the first thing only) and tear the group down."""
-        if self.failure is None:
-            self.failure = {"error": _first_line(exc), "error_rank": distributed.rank(),
-                            "failed_at": time.time()}  # one clock: the ranks share a machine
-        self.close()
-
-    def agree(self) -> dict | None:
-        """The earliest failure of any rank so far (``error``, ``error_rank``), or None;
-        every rank calls it at the same point."""
-        failures = [f for f in distributed.all_gather(self.failure) if f is not None]
-        if not failures:
-            return None
-        self.close()
-        first = min(failures, key=lambda f: f["failed_at"])
-        return {"error": first["error"], "error_rank": first["error_rank"]}
-
-    def close(self) -> None:
-        if self.group is not None:
-            dist.destroy_process_group(self.group)
-            self.group = None
-
-
 def _analytic_state_bytes(optimizer) -> int | None:
     """``expected_state_bytes``, or None where a peer's formula cannot count a DTensor."""
     try:
@@ -380,58 +318,28 @@ def _analytic_state_bytes(optimizer) -> int | None:
 
 
 def measure(name: str, config: GPTConfig, batch: int, rounds: int, device: torch.device,
-            group: OptimizerGroup) -> dict:
-    """This rank's measurements of optimizer ``name`` (see the module docstring); where any
-    rank fails, only ``n_params``, ``error`` and ``error_rank``."""
+            build: Callable = build_optimizer) -> dict:
+    """This rank's measurements of optimizer ``name`` (see the module docstring)."""
     world_size, rank = distributed.world_size(), distributed.rank()
     batches = _global_batches(config, batch * world_size, EQUIVALENCE_STEPS)
     mine = slice(rank * batch, (rank + 1) * batch)
     x, y = (t[mine].to(device) for t in batches[0])
 
-    mesh = group.mesh()
-    model = _model(config, device, mesh)
-    n_params = model.num_params(non_embedding=False)  # DTensors count their whole shape
-    result = {"n_params": n_params, "error": None, "error_rank": None}
-    try:  # an optimizer that fails sharded is a result
-        optimizer = build_optimizer(name, model, **HPARAMS)
-        step = partial(_train_step, model, optimizer, x, y)
-        result["kernels"] = observe_kernels(optimizer, step, device)["kernels"]  # creates the state
-        result["state_bytes"] = state_bytes(optimizer)
-        result["analytic_state_bytes"] = _analytic_state_bytes(optimizer)
-    except Exception as exc:  # noqa: BLE001
-        group.fail(exc)
-    failure = group.agree()  # before any further collective
-    if failure is not None:
-        return {"n_params": n_params, **failure}
-    # the first model goes over in a list, so that once its steps are measured nothing
-    # holds it while the plain models are built
-    first = [step]
-    del model, optimizer, step
-    try:
-        result.update(_measure_steps(name, config, batches, mine, device, mesh, rounds, first))
-    except Exception as exc:  # noqa: BLE001
-        group.fail(exc)
-    failure = group.agree()
-    return result if failure is None else {"n_params": n_params, **failure}
-
-
-def _measure_steps(name, config, batches, mine, device, mesh, rounds, first: list) -> dict:
-    """Peak memory and collective share of the steps after the first (``first``: that
-    step, to call again, taken out of the list), then equivalence and step time."""
-    world_size, rank = distributed.world_size(), distributed.rank()
-    x, y = (t[mine].to(device) for t in batches[0])
-    step = first.pop()
-    result = {}
+    model, optimizer = _build(name, config, device, world_size > 1, build)
+    step = partial(_train_step, model, optimizer, x, y)
+    result = {"kernels": observe_kernels(optimizer, step, device)["kernels"],  # creates the state
+              "state_bytes": state_bytes(optimizer),
+              "analytic_state_bytes": _analytic_state_bytes(optimizer)}
     result["before_step_bytes"], result["step_peak_bytes"], result["step_peak_method"] = (
         step_peak_memory(step, device))
     result["collective_share"] = collective_share(step, device)
-    del step
+    del model, optimizer, step
 
     # rank 0's plain model is the one-process run on the global batch; the other ranks'
     # step their own sequences (they are only timed)
-    plain, plain_optimizer = _build(name, config, device)
+    plain, plain_optimizer = _build(name, config, device, False, build)
     initial = {k: p.detach().clone() for k, p in plain.named_parameters()}
-    model, optimizer = _build(name, config, device, mesh)
+    model, optimizer = _build(name, config, device, world_size > 1, build)
     reference = slice(None) if rank == 0 else mine
     for bx, by in batches:
         _train_step(plain, plain_optimizer, bx[reference].to(device), by[reference].to(device))
@@ -441,7 +349,7 @@ def _measure_steps(name, config, batches, mine, device, mesh, rounds, first: lis
         result["max_param_rel_diff"], result["max_update_rel_diff"] = differences
         # what the order of summation alone changes: one process, the same global batch
         # accumulated over world_size micro-batches (each rank's sequences)
-        accumulated, accumulated_optimizer = _build(name, config, device)
+        accumulated, accumulated_optimizer = _build(name, config, device, False, build)
         for bx, by in batches:
             _train_step(accumulated, accumulated_optimizer, bx.to(device), by.to(device),
                         micro_batches=world_size)
@@ -458,22 +366,19 @@ def _measure_steps(name, config, batches, mine, device, mesh, rounds, first: lis
     return result
 
 
-def measure_each(names, measure_one: Callable[[str, OptimizerGroup], dict],
-                 device_type: str, timeout: timedelta = TIMEOUT) -> dict[str, dict]:
-    """``measure_one(name, group)`` for each optimizer in turn, each on a fresh
-    :class:`OptimizerGroup`, closed after it whatever happened."""
-    measured = {}
-    for name in names:
-        group = OptimizerGroup(device_type, timeout)
-        try:
-            measured[name] = measure_one(name, group)
-        finally:
-            group.close()
-    return measured
+def _write_json(path: Path, value) -> None:
+    """Whole or not at all: a rank may be ended while it writes."""
+    partial_path = path.with_suffix(".partial")
+    partial_path.write_text(json.dumps(value))
+    os.replace(partial_path, path)
 
 
-def _rank_main(rank: int, world_size: int, device_type: str, profile: str, names: list[str],
-               threads: int, rendezvous: str, out: str) -> None:
+def _rank_main(rank: int, world_size: int, device_type: str, names: list[str],
+               config: GPTConfig, batch: int, rounds: int, threads: int, out: str,
+               build: Callable) -> None:
+    """Measure ``names`` in turn, each into ``out/rank<rank>.<name>.json``. The first that
+    raises is written to ``out/failure<rank>.json`` and ends this process at once (see
+    :func:`run_world`)."""
     torch.set_num_threads(threads)
     device = torch.device("cpu")
     if device_type == "cuda":
@@ -481,27 +386,67 @@ def _rank_main(rank: int, world_size: int, device_type: str, profile: str, names
         torch.cuda.set_device(device)
     if world_size > 1:
         dist.init_process_group(distributed.BACKENDS[device_type],
-                                init_method=f"file://{rendezvous}", rank=rank,
+                                init_method=f"file://{out}/rendezvous", rank=rank,
                                 world_size=world_size, timeout=TIMEOUT)
-    try:
-        _, config, batch = MODELS[profile]
-
-        def measure_one(name: str, group: OptimizerGroup) -> dict:
+    for name in names:
+        started = time.perf_counter()
+        try:
             # torch.compile'd steps run eagerly here (see the module docstring)
-            eager = torch.compiler.set_stance("force_eager") if compiles(name) else (
-                contextlib.nullcontext())
-            started = time.perf_counter()
-            with eager:
-                result = measure(name, config, batch, ROUNDS[profile], device, group)
-            return {**result, "measure_s": time.perf_counter() - started}
+            with (torch.compiler.set_stance("force_eager") if name in PEERS and compiles(name)
+                  else contextlib.nullcontext()):
+                result = measure(name, config, batch, rounds, device, build)
+        except Exception as exc:  # noqa: BLE001 - an optimizer that fails sharded is a result
+            _write_json(Path(out) / f"failure{rank}.json",
+                        {"optimizer": name, "error": _first_line(exc), "error_rank": rank,
+                         "failed_at": time.time()})  # one clock: the ranks share a machine
+            os._exit(1)  # no teardown: its connections close, mp.spawn ends the other ranks
+        result["measure_s"] = time.perf_counter() - started
+        _write_json(Path(out) / f"rank{rank}.{name}.json", result)
+    if world_size > 1:
+        dist.destroy_process_group()
 
-        mine = measure_each(names, measure_one, device_type)
-        every_rank = distributed.all_gather(mine)
-        if rank == 0:
-            Path(out).write_text(json.dumps(every_rank))
-    finally:
-        if world_size > 1:
-            dist.destroy_process_group()
+
+def run_world(world_size: int, device_type: str, names: list[str], config: GPTConfig,
+              batch: int, rounds: int, make_dir: Callable[[], Path],
+              build: Callable = build_optimizer) -> dict[str, list[dict]]:
+    """Every rank's measurements of each optimizer of ``names`` in runs of ``world_size``
+    processes: optimizer name -> one dict per rank, in rank order.
+
+    A rank whose optimizer raises ends its process at once; mp.spawn then ends the others,
+    wherever they are (in a collective that rank never enters, too), so no rank waits for
+    :data:`TIMEOUT`. The optimizer's row is the failure the ranks wrote first (``error``,
+    ``error_rank``), or how a rank ended without writing one (a crash). Fresh processes
+    (each run in a new ``make_dir()``) measure the optimizers still to come, so one
+    optimizer's failure never touches the next one's measurements.
+    """
+    measured: dict[str, list[dict]] = {}
+    remaining = list(names)
+    while remaining:
+        out = make_dir()
+        crash = None
+        try:
+            mp.spawn(_rank_main, args=(world_size, device_type, remaining, config, batch,
+                                       rounds, THREADS_PER_RANK, str(out), build),
+                     nprocs=world_size, join=True)
+        except ProcessException as ended:  # a rank failed (or crashed)
+            crash = ended
+        while remaining and all((out / f"rank{r}.{remaining[0]}.json").exists()
+                                for r in range(world_size)):
+            name = remaining.pop(0)
+            measured[name] = [json.loads((out / f"rank{r}.{name}.json").read_text())
+                              for r in range(world_size)]
+        if crash is None or not remaining:
+            continue
+        failures = [json.loads(f.read_text()) for f in out.glob("failure*.json")]
+        name = remaining.pop(0)  # the one the ranks were measuring
+        if failures:
+            first = min(failures, key=lambda f: f["failed_at"])
+            failure = {"error": first["error"], "error_rank": first["error_rank"]}
+        else:  # the last line of a traceback, or "process N terminated with signal S"
+            lines = str(crash).strip().splitlines() or [type(crash).__name__]
+            failure = {"error": lines[-1], "error_rank": crash.error_index}
+        measured[name] = [{**failure} for _ in range(world_size)]
+    return measured
 
 
 # ---- in pytest's process ----------------------------------------------------------------
@@ -517,22 +462,24 @@ def selected_names(items, world_size: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def world(device, profile, tmp_path_factory, request):
-    """``world(n)``: every rank's measurements of each selected optimizer in a run of n
-    processes, started on first use."""
-    runs: dict[int, list[dict]] = {}
+    """``world(n)``: every rank's measurements of each selected optimizer in runs of n
+    processes (:func:`run_world`), started on first use."""
+    runs: dict[int, dict[str, list[dict]]] = {}
 
-    def results(world_size: int) -> list[dict]:
+    def results(world_size: int) -> dict[str, list[dict]]:
         if world_size not in runs:
-            tmp = tmp_path_factory.mktemp(f"world{world_size}")
-            names = selected_names(request.session.items, world_size)
-            mp.spawn(_rank_main, args=(world_size, device.type, profile, names,
-                                       THREADS_PER_RANK, str(tmp / "rendezvous"),
-                                       str(tmp / "results.json")),
-                     nprocs=world_size, join=True)
-            runs[world_size] = json.loads((tmp / "results.json").read_text())
+            _, config, batch = MODELS[profile]
+            runs[world_size] = run_world(
+                world_size, device.type, selected_names(request.session.items, world_size),
+                config, batch, ROUNDS[profile],
+                lambda: tmp_path_factory.mktemp(f"world{world_size}"))
         return runs[world_size]
 
     return results
+
+
+def n_params(config: GPTConfig) -> int:
+    return GPT(config).num_params(non_embedding=False)
 
 
 def cpu_cores() -> int:
@@ -558,15 +505,15 @@ def test_sharded(record, device, profile, world, world_size, name):
         pytest.skip(f"{world_size} processes need {world_size} GPUs, torch sees "
                     f"{torch.cuda.device_count()}: run python -m pytest bench/test_sharded.py "
                     f"--benchmark-only --device cuda on a machine with {world_size} or more")
-    ranks = [rank_results[name] for rank_results in world(world_size)]
-    errors = [r["error"] for r in ranks if r["error"]]  # the ranks agree: all or none
+    ranks = world(world_size)[name]
+    errors = [r["error"] for r in ranks if r.get("error")]  # run_world: all ranks or none
     model_name, config, batch = MODELS[profile]
     works = not errors
     steps, one_process = per_rank(ranks, "step_median_s"), per_rank(ranks, "one_process_median_s")
     live = per_rank(ranks, "state_bytes")
     analytic = per_rank(ranks, "analytic_state_bytes")
     row = ShardedRow(
-        model=model_name, n_params=ranks[0]["n_params"],
+        model=model_name, n_params=n_params(config),
         optimizer=name, world_size=world_size,
         backend=distributed.BACKENDS[device.type] if world_size > 1 else "none",
         batch_per_rank=batch, block_size=config.block_size,
@@ -588,7 +535,7 @@ def test_sharded(record, device, profile, world, world_size, name):
         micro_batch_rel_diff=ranks[0].get("micro_batch_rel_diff"),
         peer=name in PEERS, error_rank=ranks[0].get("error_rank"),
         state_formula_holds=live == analytic if works else None,
-        eager_instead_of_compiled=compiles(name), measure_s=ranks[0]["measure_s"])
+        eager_instead_of_compiled=compiles(name), measure_s=ranks[0].get("measure_s"))
     row.classification = classify(dataclasses.asdict(row))
     record(row)
     if works and not row.peer:  # ours: a formula that disagrees with the live tensors is a
