@@ -539,7 +539,7 @@ def test_sharded(record, device, profile, world, world_size, name):
     row.classification = classify(dataclasses.asdict(row))
     record(row)
     if works and not row.peer:  # ours: a formula that disagrees with the live tensors is a
-        # bug; a peer's formula counts plain tensors, and its row says whether it holds
+        # bug; a peer's need not know what its package keeps of a DTensor: the row says
         assert row.state_bytes_per_rank == row.analytic_state_bytes_per_rank
 
 
