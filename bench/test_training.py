@@ -90,6 +90,19 @@ def suite_of(run: Run) -> str:
     return "training_peers" if REGISTRY[run.optimizer].package is not None else "training"
 
 
+def not_trainable(run: Run) -> str | None:
+    """Why ``run`` cannot train here (its package is missing, or its optimizer has no swept
+    lr yet: it would train at an lr nobody chose), or None."""
+    hint = missing_package(run.optimizer)
+    if hint:
+        return hint
+    if "learning_rate" not in HPARAMS[run.optimizer]:
+        return (f"{run.optimizer} has no tuned lr yet: sweep it (python -m bench.lr_sweep "
+                f"--optimizers {run.optimizer}) and set its tuned settings in "
+                f"memeff/optim/registry.py")
+    return None
+
+
 def hparams_of(run: Run) -> dict:
     """The run's settings other than the model and the data: its optimizer's, and the
     schedule's where it changes them."""
@@ -136,7 +149,7 @@ def driver(request, device, profile, seeds, runs_root):
     """
     names = dict.fromkeys(item.callspec.params["label"] for item in request.session.items
                           if item.module is request.module)
-    names = [name for name in names if missing_package(RUNS[name].optimizer) is None]
+    names = [name for name in names if not_trainable(RUNS[name]) is None]
     trials = plan([RUNS[name] for name in names], seeds, base_config(profile, device), runs_root,
                   profile)
     with Driver(trials, request.config.getoption("--train-workers")) as running:
@@ -155,9 +168,9 @@ def train_and_record(benchmark, record, device, profile, label, driver):
     if profile not in run.profiles:
         pytest.skip(f"in the {' and '.join(run.profiles)} "
                     f"profile{'s' if len(run.profiles) > 1 else ''}: run with --profile full")
-    hint = missing_package(run.optimizer)
-    if hint:
-        pytest.skip(hint)
+    reason = not_trainable(run)
+    if reason:
+        pytest.skip(reason)
     trials = [t for t in driver.trials if t.run.name == label]
     finished = []
     benchmark.pedantic(lambda: finished.extend(driver.result(t) for t in trials),
