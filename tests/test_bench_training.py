@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from bench.test_training import HPARAMS, RUNS, not_trainable, suite_of
