@@ -81,7 +81,7 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
 # each suite's row and summary version (1 for a suite not listed): raised whenever the shape
 # of what the suite writes changes, so that a file of older rows is known as such
 SCHEMA_VERSIONS = {"kv_cache": 2, "optimizer_state": 2, "step_time": 3, "training": 1,
-                   "training_bpe": 1, "training_peers": 1, "lr_sweep": 1}
+                   "training_bpe": 1, "training_peers": 1, "lr_sweep": 1, "sharded": 2}
 
 
 def schema_version(suite: str) -> int:
