@@ -39,7 +39,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Sequence
 
-from bench.results import check_writable_dir, is_current, read_results
+from bench.results import check_writable_dir, is_current, read_results, schema_version
 from memeff import cli
 from memeff.optim.registry import BASELINE, OPTIMIZER_NAMES, PEER_NAMES, REGISTRY, label, spec
 
@@ -215,12 +215,24 @@ def check_fields(value: Any, spec: dict | Kind, source: str, where: str = "") ->
                 check_fields(item, inner, source, path)
 
 
+# suite -> the oldest schema version whose rows the report shows: it reads the fields that
+# newer rows add as optional, so an older file's measurements still show (without what
+# it lacks) until the suite is rerun. Other suites: their current version only.
+SHOWN_SINCE = {"step_time": 2, "sharded": 1}
+
+
+def shown(document: dict) -> bool:
+    """Whether the report shows a valid results document's rows."""
+    suite = document["suite"]
+    return document["schema_version"] >= SHOWN_SINCE.get(suite, schema_version(suite))
+
+
 def read_checked(path: Path) -> dict:
     """A results file, with the fields the report reads checked (a file of older rows is
     only named as such, so only its schema is)."""
     document = read_results(path)
     check_finite(document, str(path))
-    if is_current(document):
+    if shown(document):
         check_fields(document, READ_FIELDS.get(document["suite"], {}), str(path))
     return document
 
@@ -248,7 +260,7 @@ def decode_rows(kv: dict) -> list[dict]:
 def current(results: dict[str, dict], suite: str) -> dict | None:
     """The suite's document when it is published with its current rows, else None."""
     document = results.get(suite)
-    return document if document is not None and is_current(document) else None
+    return document if document is not None and shown(document) else None
 
 
 def pending(results: dict[str, dict], suite: str) -> str:
@@ -600,7 +612,7 @@ def provenance_block(results: dict[str, dict], data_link: Callable[[str], str],
             device += f" ({env['cpu_capability']})"
         threads = f"{env['torch_threads']} thread{'s' if env['torch_threads'] != 1 else ''}"
         took = duration(env)
-        status = "" if is_current(doc) else " (older rows: not shown)"
+        status = "" if shown(doc) else " (older rows: not shown)"
         rows.append([f"[`{suite}`]({data_link(suite)}){status}", f"`{doc['profile']}`",
                      env["utc_time"] + (f", {took}" if took else ""),
                      f"`{(env.get('git_commit') or 'unknown')[:7]}`{dirty}",

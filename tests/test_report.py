@@ -222,7 +222,8 @@ def decode_document(new_rows: bool):
 
 
 def step_document(new_rows: bool, peers: bool = False):
-    """A step_time results file; with ``new_rows`` in the suite's current format, with
+    """A step_time results file; with ``new_rows`` in the suite's current format (else in
+    one older than the report shows), with
     ``peers`` also GaLore (a projector refreshed every 200 steps) on the baby model only and
     Muon timed on one block of GPT-2 small's shapes."""
     from bench.test_step_time import SUMMARY_KEYS, summarize
@@ -234,7 +235,7 @@ def step_document(new_rows: bool, peers: bool = False):
                    for name, r in (("adamw", 1.0), ("adamsn", 0.8), ("adamw_foreach", 3.0))}
         return {"summary": {"baby": entries, "gpt2-124M": copy.deepcopy(entries)}, "rows": [],
                 "profile": "full", "environment": ENVIRONMENT, "suite": "step_time",
-                "schema_version": SCHEMA_VERSIONS["step_time"] - 1}
+                "schema_version": report.SHOWN_SINCE["step_time"] - 1}
 
     def row(model, name, r, refresh=None, compile_s=None, timed=None):
         median = r * 1e-3
@@ -286,6 +287,15 @@ def test_current_decode_rows_give_each_paths_time_against_mha():
     assert "| 128 | 128 MiB |" in mqa and mqa.endswith("| 0.031 |")
     assert "GQA and MQA points each path decodes faster" in table
     assert "`folded` 2, `sdpa_gqa` 0" in table
+
+
+def test_older_rows_show_only_from_the_version_the_report_reads():
+    for suite, oldest in report.SHOWN_SINCE.items():
+        assert report.shown({"suite": suite, "schema_version": oldest})
+        assert not report.shown({"suite": suite, "schema_version": oldest - 1})
+    newest = SCHEMA_VERSIONS["kv_cache"]  # a suite without older rows it reads
+    assert report.shown({"suite": "kv_cache", "schema_version": newest})
+    assert not report.shown({"suite": "kv_cache", "schema_version": newest - 1})
 
 
 def test_step_time_headline_takes_the_ratio_to_fused_adamw(tmp_path):
