@@ -67,7 +67,7 @@ GRID = {
     # GaLore and APOLLO scale their projected update (0.25 and 1.0; APOLLO-Mini 128)
     **{name: {0.1: PEER_LOW_RANK_LRS} for name in ("apollo", "apollo_mini")},
     "galore_adamw": {0.1: PEER_LOW_RANK_LRS + (1e-1,)},  # its scale 0.25 takes a larger lr
-    "lion_pytorch": {1.0: (1e-4, 3e-4, 1e-3, 3e-3)},  # up to AdamW's best lr
+    "lion_pytorch": {1.0: (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)},
     "adamwsn": {0.01: (1e-2, 4e-2, 1e-1)},
 }
 # the settings each optimizer keeps throughout its sweep: its tuned ones other than lr and decay
