@@ -10,7 +10,6 @@ takes the path of a peer too slow for its model: timed on the budget shapes inst
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,22 +21,16 @@ from bench.results import read_results
 from bench.test_optimizer_state import PEER_SHAPE
 from bench.test_step_time import MIN_ROUNDS, fitted_rounds, over_budget, refresh_setting
 from memeff.optim.registry import PEER_NAMES, PEERS_INSTALL, SPECS, missing_package, spec
+from bench_helpers import blocked_peers_env, numbers
 
 REPO = Path(__file__).resolve().parents[1]
-# blocks every peer package's import, as when it is not installed; torch stays
-BLOCK_PEERS_PLUGIN = '''
+# after blocking the peers: a step-time budget every candidate is over
+SMALL_BUDGET_PLUGIN = '''
 import dataclasses
-import sys
-
-from memeff.optim.registry import SPECS
-
-for optimizer in SPECS:
-    if optimizer.package not in (None, "torch"):
-        sys.modules[optimizer.package.replace("-", "_")] = None  # import now fails
 
 import bench.test_step_time as step_time
 
-step_time.STEP_BUDGET_S = 1e-6  # every candidate is over it
+step_time.STEP_BUDGET_S = 1e-6
 step_time.BUDGET_MODELS["baby"] = (
     "baby, 1 of 4 blocks", dataclasses.replace(step_time.MODELS["baby"][0], n_layer=1))
 '''
@@ -73,26 +66,11 @@ def installed(tmp_path_factory):
 def blocked(tmp_path_factory):
     results = tmp_path_factory.mktemp("peers_missing")
     plugin_dir = tmp_path_factory.mktemp("plugin")
-    (plugin_dir / "block_peers.py").write_text(BLOCK_PEERS_PLUGIN)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(plugin_dir), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = blocked_peers_env(plugin_dir, SMALL_BUDGET_PLUGIN)
     done = run_quick(results, env, "block_peers")
     missing = {s.name for s in SPECS if s.package not in (None, "torch")}
     return dict(stdout=done.stdout, state=read_results(results / "optimizer_state.json"),
                 step=read_results(results / "step_time.json"), missing=missing)
-
-
-def numbers(value):
-    if isinstance(value, bool):
-        return
-    if isinstance(value, (int, float)):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from numbers(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from numbers(item)
 
 
 def check_state_rows(document: dict, measured: set[str]) -> None:

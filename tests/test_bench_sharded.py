@@ -3,7 +3,6 @@ blocked (as in CI, which installs none: only torch's Muon, whose package is torc
 optimizer that fails in one rank only, and the summary's classification."""
 
 import math
-import os
 import subprocess
 import sys
 import time
@@ -16,19 +15,10 @@ from bench.results import read_results
 from bench.test_sharded import (DIFFERS, EXACT_OUTCOME, FAILS, OPTIMIZERS, PEERS, TIMEOUT,
                                 classify, is_exact, measured_names, run_world, summarize)
 from memeff.optim.registry import PEERS_INSTALL, spec
+from bench_helpers import blocked_peers_env, numbers
 
 REPO = Path(__file__).resolve().parents[1]
 OURS = ("adamw", "adamsn", "adamsnsm", "adafactor")  # memeff promises these exact under FSDP2
-# blocks every peer package's import, as when it is not installed; torch stays
-BLOCK_PEERS_PLUGIN = '''
-import sys
-
-from memeff.optim.registry import SPECS
-
-for optimizer in SPECS:
-    if optimizer.package not in (None, "torch"):
-        sys.modules[optimizer.package.replace("-", "_")] = None  # import now fails
-'''
 BLOCKED = tuple(name for name in PEERS if spec(name).package != "torch")
 
 
@@ -36,9 +26,7 @@ BLOCKED = tuple(name for name in PEERS if spec(name).package != "torch")
 def quick_run(tmp_path_factory):
     results = tmp_path_factory.mktemp("sharded")
     plugin_dir = tmp_path_factory.mktemp("plugin")
-    (plugin_dir / "block_peers.py").write_text(BLOCK_PEERS_PLUGIN)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(plugin_dir), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = blocked_peers_env(plugin_dir)
     command = [sys.executable, "-m", "pytest", "bench/test_sharded.py", "--benchmark-only",
                "--profile", "quick", "--results-dir", str(results), "-q", "-p", "no:cacheprovider",
                "-p", "block_peers"]
@@ -52,17 +40,6 @@ def quick_document(quick_run):
     return quick_run[1]
 
 
-def finite_numbers(value):
-    if isinstance(value, float):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from finite_numbers(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from finite_numbers(item)
-
-
 def test_quick_profile_measures_every_optimizer_at_each_world_size(quick_document):
     rows = quick_document["rows"]
     config = quick_document["config"]
@@ -72,7 +49,7 @@ def test_quick_profile_measures_every_optimizer_at_each_world_size(quick_documen
     assert sorted((r["world_size"], r["optimizer"]) for r in rows) == sorted(
         (n, name) for n in sizes for name in measured)
     assert max(sizes) > 1
-    assert all(math.isfinite(v) for v in finite_numbers(rows))
+    assert all(math.isfinite(v) for v in numbers(rows))
     for r in rows:
         assert r["peer"] == (r["optimizer"] in PEERS)
         assert r["classification"] == classify(r)
