@@ -393,7 +393,8 @@ SPECS: tuple[OptimizerSpec, ...] = (
     OptimizerSpec("torch_adafactor_foreach", "Adafactor (torch, foreach)", "factored",
                   _class("torch.optim.Adafactor"), torch_adafactor_state_bytes,
                   defaults={"foreach": True}, defaults_yield_to=("foreach",), trained=False),
-    # ---- peers: their packages come with the "peers" extra; tuned once swept ----
+    # ---- peers: their packages come with the "peers" extra; tuned: the best point of
+    # their lr sweep where it lies inside their grid ----
     # settings that change a quantized state's layout are refused: the formulas assume
     # the packages' defaults (bitsandbytes' 4096-element threshold, torchao's block sizes)
     OptimizerSpec("bnb_adamw8bit", "AdamW 8-bit (bitsandbytes)", "quantized",
@@ -406,10 +407,12 @@ SPECS: tuple[OptimizerSpec, ...] = (
                   refused=("block_size",), package="torchao"),
     OptimizerSpec("torchao_adamw4bit", "AdamW 4-bit (torchao)", "quantized",
                   _class("torchao.optim.AdamW4bit"), torchao_adamw4bit_state_bytes,
-                  refused=("block_size",), package="torchao"),
+                  refused=("block_size",), package="torchao",
+                  tuned={"learning_rate": 3e-3, "weight_decay": 0.1}),
     OptimizerSpec("adam_mini", "Adam-mini", "subset-norm",
                   _class("memeff.optim.peers.AdamMini"), adam_mini_state_bytes,
-                  package="adam-mini", takes_model=True),
+                  package="adam-mini", takes_model=True,
+                  tuned={"learning_rate": 3e-3, "weight_decay": 0.1}),
     # GaLore and APOLLO project the matrix groups at AdamSN+SM's rank and gap, so the
     # low-rank methods compare at one rank (GPT-2 small: d/6; pass rank=192 for d/4);
     # scale 0.25 and the APOLLO settings are their papers' pretraining scripts'
@@ -436,17 +439,19 @@ SPECS: tuple[OptimizerSpec, ...] = (
                                              "scale_type": "tensor"}),
                   matrix_settings={"rank": 1, "update_proj_gap": SUBSPACE_GAP, "scale": 128.0},
                   refused=("no_deprecation_warning",), matrices_only=True,
-                  package="apollo-torch"),
+                  package="apollo-torch", tuned={"learning_rate": 1e-2, "weight_decay": 0.1}),
     OptimizerSpec("torch_muon", "Muon + AdamW (torch)", "momentum-only",
                   _class("memeff.optim.peers.MuonWithAdamW"), muon_with_adamw_state_bytes,
-                  by_kind=_on_matrices("use_muon"), matrices_only=True, package="torch"),
+                  by_kind=_on_matrices("use_muon"), matrices_only=True, package="torch",
+                  tuned={"learning_rate": 3e-3, "weight_decay": 0.1}),
     OptimizerSpec("lion_pytorch", "Lion (lion-pytorch)", "momentum-only",
                   _class("lion_pytorch.Lion"), lion_state_bytes,
                   refused=("use_triton",), package="lion-pytorch"),
     # subset-norm on the matrix groups, as its docs' example (nn.Linear weights)
     OptimizerSpec("adamwsn", "AdamWSN (pytorch-optimizer)", "subset-norm",
                   _class("pytorch_optimizer.AdamWSN"), adamwsn_state_bytes,
-                  by_kind=_on_matrices("sn"), package="pytorch-optimizer"),
+                  by_kind=_on_matrices("sn"), package="pytorch-optimizer",
+                  tuned={"learning_rate": 4e-2, "weight_decay": 0.01}),
 )
 REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in SPECS}
 # ours and the baselines they are tuned against: what every suite measures and trains
