@@ -446,7 +446,8 @@ SPECS: tuple[OptimizerSpec, ...] = (
                   tuned={"learning_rate": 3e-3, "weight_decay": 0.1}),
     OptimizerSpec("lion_pytorch", "Lion (lion-pytorch)", "momentum-only",
                   _class("lion_pytorch.Lion"), lion_state_bytes,
-                  refused=("use_triton",), package="lion-pytorch"),
+                  refused=("use_triton",), package="lion-pytorch",
+                  tuned={"learning_rate": 3e-3, "weight_decay": 1.0}),
     # subset-norm on the matrix groups, as its docs' example (nn.Linear weights)
     OptimizerSpec("adamwsn", "AdamWSN (pytorch-optimizer)", "subset-norm",
                   _class("pytorch_optimizer.AdamWSN"), adamwsn_state_bytes,
