@@ -62,10 +62,12 @@ GRID = {
     # the peers: 3 lrs spanning 10x around their family's best, at its weight decay
     # (AdamW's for the AdamW-based ones, AdamSN's for AdamWSN; Lion's lr is 3-10x smaller
     # than AdamW's and its decay as much larger, as its paper advises)
-    **{name: {0.1: PEER_ADAM_LRS} for name in ("bnb_adamw8bit", "torchao_adamw8bit",
-                                               "torchao_adamw4bit", "adam_mini", "torch_muon")},
+    **{name: {0.1: PEER_ADAM_LRS} for name in ("torchao_adamw8bit", "torchao_adamw4bit",
+                                               "adam_mini", "torch_muon")},
+    "bnb_adamw8bit": {0.1: PEER_ADAM_LRS + (3e-2,)},  # its best is at 1e-2, the grid's edge
     # GaLore and APOLLO scale their projected update (0.25 and 1.0; APOLLO-Mini 128)
-    **{name: {0.1: PEER_LOW_RANK_LRS} for name in ("apollo", "apollo_mini")},
+    "apollo": {0.1: PEER_LOW_RANK_LRS + (1e-1,)},  # its best is at 3e-2, the grid's edge
+    "apollo_mini": {0.1: PEER_LOW_RANK_LRS},
     "galore_adamw": {0.1: PEER_LOW_RANK_LRS + (1e-1,)},  # its scale 0.25 takes a larger lr
     "lion_pytorch": {1.0: (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)},
     "adamwsn": {0.01: (1e-2, 4e-2, 1e-1)},
