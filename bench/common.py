@@ -18,15 +18,27 @@ import pytest
 import torch
 
 from bench.results import PROFILES
+from memeff.optim.registry import PEER_NAMES, missing_package
 
 # torch._fused_sdp_choice returns the index of torch.nn.attention.SDPBackend's member
 SDPA_BACKENDS = {-1: "error", 0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
 
 
+def in_profile(profile: str, needed: str) -> bool:
+    """Whether the running profile includes ``needed`` (quick < default < full)."""
+    return PROFILES.index(profile) >= PROFILES.index(needed)
+
+
 def require_profile(profile: str, needed: str) -> None:
-    """Skip unless the running profile includes ``needed`` (quick < default < full)."""
-    if PROFILES.index(profile) < PROFILES.index(needed):
+    """Skip unless the running profile includes ``needed``."""
+    if not in_profile(profile, needed):
         pytest.skip(f"in the {needed} profile: run with --profile {needed}")
+
+
+def missing_peer_packages() -> dict[str, str]:
+    """The install hint of each peer whose package is missing (its rows are skipped)."""
+    hints = {name: missing_package(name) for name in PEER_NAMES}
+    return {name: hint for name, hint in hints.items() if hint is not None}
 
 
 def synchronize(device: torch.device) -> None:

@@ -35,7 +35,7 @@ from bench.experiments import Diverged, Driver, Run
 from bench.results import environment, read_results, results_document
 from memeff import cli
 from memeff.io import write_json
-from memeff.optim.registry import REGISTRY
+from memeff.optim.registry import REGISTRY, missing_package
 from memeff.train import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -59,12 +59,13 @@ GRID = {
     "adafactor": {0.0: ADAFACTOR_LRS, 0.1: ADAFACTOR_LRS[1:4]},
     "adamsnsm": {0.0: SUBSET_NORM_LRS, 0.1: SUBSET_NORM_LRS[2:5]},
     "torch_adafactor": {0.0: ADAFACTOR_LRS, 0.1: ADAFACTOR_LRS[1:4]},
-    # the peers: 3 lrs spanning 10x around their family's best, at its weight decay
-    # (AdamW's for the AdamW-based ones, AdamSN's for AdamWSN; Lion's lr is 3-10x smaller
-    # than AdamW's and its decay as much larger, as its paper advises)
-    **{name: {0.1: PEER_ADAM_LRS} for name in ("torchao_adamw8bit", "torchao_adamw4bit",
-                                               "adam_mini", "torch_muon")},
-    "bnb_adamw8bit": {0.1: PEER_ADAM_LRS + (3e-2,)},  # its best is at 1e-2, the grid's edge
+    # the peers: lrs spanning 10x around their family's best, at its weight decay (AdamW's
+    # for the AdamW-based ones, AdamSN's for AdamWSN), widened where the best was at an edge;
+    # Lion's paper advises a 3-10x smaller lr than AdamW's and as much larger a decay: its
+    # grid spans 100x from there
+    **{name: {0.1: PEER_ADAM_LRS} for name in ("torchao_adamw4bit", "adam_mini", "torch_muon")},
+    # the 8-bit AdamWs' best is at 1e-2, the 3-point grid's edge
+    **{name: {0.1: PEER_ADAM_LRS + (3e-2,)} for name in ("bnb_adamw8bit", "torchao_adamw8bit")},
     # GaLore and APOLLO scale their projected update (0.25 and 1.0; APOLLO-Mini 128)
     "apollo": {0.1: PEER_LOW_RANK_LRS + (1e-1,)},  # its best is at 3e-2, the grid's edge
     "apollo_mini": {0.1: PEER_LOW_RANK_LRS},
@@ -188,6 +189,9 @@ def grid_plan(optimizers: Sequence[str], seed: int, max_iters: int,
     if unknown:
         raise ValueError(f"unknown optimizer(s) {', '.join(unknown)}; choose from "
                          f"{', '.join(GRID)}")
+    missing = [hint for hint in map(missing_package, optimizers) if hint is not None]
+    if missing:  # said before anything trains, not when the run reaches the driver
+        raise ValueError("; ".join(missing))
     plan = []
     for name in optimizers:
         grid = GRID[name]
@@ -308,8 +312,9 @@ def _shown(path: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = cli.ArgumentParser(prog="python -m bench.lr_sweep", description=__doc__.splitlines()[0])
-    parser.add_argument("--optimizers", default=",".join(GRID),
-                        help=f"comma-separated, from {', '.join(GRID)} (default: all)")
+    parser.add_argument("--optimizers", default=None,
+                        help=f"comma-separated, from {', '.join(GRID)} (default: all whose "
+                             f"package is installed)")
     parser.add_argument("--lrs", default=None,
                         help="comma-separated lrs instead of the grid's, at each weight decay")
     parser.add_argument("--weight-decays", default=None,
@@ -349,7 +354,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
         document = ablate(variants, out, args.seed, args.workers, base, args.runs_dir)
     else:
-        document = sweep(args.optimizers.split(","), out, args.seed, floats(args.lrs, "--lrs"),
+        if args.optimizers is None:
+            optimizers = [name for name in GRID if missing_package(name) is None]
+            for name in GRID:
+                if name not in optimizers:
+                    print(f"skipping {missing_package(name)}", file=sys.stderr)
+        else:
+            optimizers = args.optimizers.split(",")
+        document = sweep(optimizers, out, args.seed, floats(args.lrs, "--lrs"),
                          floats(args.weight_decays, "--weight-decays"), args.workers, base,
                          args.runs_dir)
     print(json.dumps(document["summary"], indent=2))

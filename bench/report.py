@@ -39,7 +39,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Sequence
 
-from bench.results import check_writable_dir, is_current, read_results, schema_version
+from bench.results import (FSDP_OUTCOMES, check_writable_dir, is_current, read_results,
+                           schema_version)
 from memeff import cli
 from memeff.optim.registry import BASELINE, OPTIMIZER_NAMES, PEER_NAMES, REGISTRY, label, spec
 
@@ -81,7 +82,6 @@ TEXT: Kind = ("a string", lambda v: isinstance(v, str))
 OBJECT: Kind = ("an object", lambda v: isinstance(v, dict))
 LIST: Kind = ("a list", lambda v: isinstance(v, list))
 INTEGER_OR_NULL: Kind = ("an integer or null", lambda v: v is None or INTEGER[1](v))
-FSDP_OUTCOMES = ("exact", "runs but differs", "fails")  # bench/test_sharded.py's classify
 FSDP_OUTCOME: Kind = (f"one of {', '.join(FSDP_OUTCOMES)}", lambda v: v in FSDP_OUTCOMES)
 OPTIMIZER: Kind = (f"an optimizer name ({', '.join(REGISTRY)})",
                    lambda v: isinstance(v, str) and v in REGISTRY)
@@ -444,7 +444,7 @@ def headline_block(results: dict[str, dict], data_link: Callable[[str], str]) ->
             if document is training or peers_reason is None:
                 seeds.add(loss["n"])
             else:
-                loss_cell += f" ({document['config']['max_iters']} iterations)"
+                loss_cell += f" ({peers_reason})"
             state = document["summary"][run]["optimizer_state_bytes"]
             state_cell = ("n/a" if adamw_state is None else num(
                 100 * ratio(state, adamw_state, f"{document['suite']} {run} state"), ".1f", run) + "%")
@@ -489,8 +489,6 @@ def headline_block(results: dict[str, dict], data_link: Callable[[str], str]) ->
             f"iterations, each optimizer at the lr and weight decay its sweep chose; loss is "
             f"mean ± half the range over {n} seeds; state is the whole model's optimizer state.")
     note += " Peers (other packages' optimizers, each at the best point of its own lr sweep) in italics"
-    if peers is not None and untuned(peers):
-        note += f" ({', '.join(label(n) for n in untuned(peers))}: not yet tuned, at nanoGPT's lr)"
     if peers is None:
         waiting = pending(results, "training_peers").strip("_")
         note += "; their training runs: " + waiting[0].lower() + waiting[1:]
@@ -689,14 +687,6 @@ def not_comparable(training: dict, other: dict) -> str | None:
     return f"other settings ({', '.join(differing)})" if differing else None
 
 
-def untuned(peers: dict) -> list[str]:
-    """The peers in ``peers`` trained without a tuned learning rate (the registry has none
-    for them yet: they ran at the baby config's)."""
-    trained = {r["optimizer"] for r in peers["rows"]}
-    return [n for n in PEER_NAMES if n in trained
-            and "learning_rate" not in peers["config"]["hparams"].get(n, {})]
-
-
 def peers_pending(results: dict[str, dict]) -> str | None:
     """What a block says of the peers' training runs when they are not published."""
     if current(results, "training_peers") is not None:
@@ -740,10 +730,10 @@ def training_block(training: dict, bpe: dict | None, link: Callable[[str], str],
                     "optimizer state", f"% of {label(BASELINE)}", "KV cache, % of MHA"],
                    rows, "llrrrrrrr")]
     if peers is not None:
+        reason = not_comparable(training, peers)
         parts.append("Peers (other packages' optimizers, each at the best point of its own lr "
-                     "sweep) in italics." + (
-                         f" Not yet tuned, at nanoGPT's lr: {', '.join(label(n) for n in untuned(peers))}."
-                         if untuned(peers) else ""))
+                     "sweep) in italics." + (f" Their runs are of {reason}: not comparable with "
+                                             f"ours." if reason else ""))
     parts += [figure_link("loss_curves.png", FIGURES["loss_curves.png"][2], link),
               figure_link("loss_vs_state.png", FIGURES["loss_vs_state.png"][2], link)]
     return "\n\n".join(parts)
@@ -1476,10 +1466,10 @@ def sharded_state_figure(plt, sharded: dict):
     fails = {r["optimizer"] for r in sharded["rows"] if not r["works"]}
     fig, ax = plt.subplots(figsize=(10, 4.2))
     names = [n for n in REGISTRY if any(r["optimizer"] == n for r in rows)]
-    ours = [n for n in names if n not in PEER_NAMES]
-    for name in names:  # peers: squares, dashed, numbered after ours in the color cycle
+    colors = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")  # one per line drawn
+    for i, name in enumerate(names):  # peers: squares, dashed
         peer = name in PEER_NAMES
-        color = f"C{(len(ours) + PEER_NAMES.index(name) if peer else ours.index(name)) % 10}"
+        color = colors(i)
         points = sorted((r["world_size"], max(r["state_bytes_per_rank"]) / 2**20)
                         for r in rows if r["optimizer"] == name)
         ax.plot(*zip(*points), marker="s" if peer else "o", linestyle="--" if peer else "-",

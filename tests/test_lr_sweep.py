@@ -139,6 +139,14 @@ def test_the_grid_plan_covers_each_weight_decay_once():
         lr_sweep.grid_plan(["adamw"], 1, 100, weight_decays=[])
 
 
+def test_a_peer_whose_package_is_missing_stops_the_plan_with_the_install_hint(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "lion_pytorch", None)  # its import now fails
+    with pytest.raises(ValueError, match=r'lion_pytorch needs the lion-pytorch package.*'
+                                         r'pip install -e "\.\[peers\]"'):
+        lr_sweep.grid_plan(["adamw", "lion_pytorch"], 1, 100)
+
+
 def grid_row(lr, wd, val_loss, seed=1, max_iters=100, **extra):
     return dict(optimizer="adamsn", learning_rate=lr, weight_decay=wd, optimizer_hparams={},
                 seed=seed, max_iters=max_iters, final_train_loss=val_loss,
