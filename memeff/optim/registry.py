@@ -405,7 +405,8 @@ SPECS: tuple[OptimizerSpec, ...] = (
     # torchao compiles each parameter's step (torch.compile) on first use
     OptimizerSpec("torchao_adamw8bit", "AdamW 8-bit (torchao)", "quantized",
                   _class("torchao.optim.AdamW8bit"), torchao_adamw8bit_state_bytes,
-                  refused=("block_size",), package="torchao"),
+                  refused=("block_size",), package="torchao",
+                  tuned={"learning_rate": 1e-2, "weight_decay": 0.1}),
     OptimizerSpec("torchao_adamw4bit", "AdamW 4-bit (torchao)", "quantized",
                   _class("torchao.optim.AdamW4bit"), torchao_adamw4bit_state_bytes,
                   refused=("block_size",), package="torchao",
