@@ -407,8 +407,14 @@ def kv_share_of_mha(base: dict, n_kv_head: int) -> float:
 
 # ---- README.md blocks -------------------------------------------------------------------
 
-STEP_MODELS_NOTE = ("interleaved medians of a whole-model step, a projector's refresh spread "
-                    "over its interval")
+def step_models_note(step: dict) -> str:
+    """How the headline's step times were taken: with the refreshes amortized where the file
+    times them (files from before refresh timing do not)."""
+    amortized = any("amortized_ratio_to_adamw" in entry for model in step["summary"].values()
+                    for entry in model.values())
+    return "interleaved medians of a whole-model step" + (
+        ", a projector's refresh spread over its interval" if amortized else
+        ", projector refreshes not included")
 
 
 def headline_block(results: dict[str, dict], data_link: Callable[[str], str]) -> str:
@@ -498,7 +504,7 @@ def headline_block(results: dict[str, dict], data_link: Callable[[str], str]) ->
     else:
         note += f" ([training_peers.json]({data_link('training_peers')}))."
     if step:
-        note += f" Step time: {STEP_MODELS_NOTE} ([step_time.json]({data_link('step_time')}))"
+        note += f" Step time: {step_models_note(step)} ([step_time.json]({data_link('step_time')}))"
         for timed, mark in budget_shapes.items():
             note += f"; {mark}: timed on {timed}, the model's own shapes past the time budget"
         note += "."

@@ -784,3 +784,16 @@ def test_the_lr_sweep_figure_wraps_the_peers_panels_onto_more_rows():
         assert fig.get_size_inches()[0] <= 3.0 * report.LR_SWEEP_COLUMNS
     finally:
         plt.close(fig)
+
+
+def test_the_headline_says_refreshes_are_amortized_only_where_the_file_times_them():
+    step = step_document(True, peers=True)
+    results = {"training": training_document(), "step_time": step}
+    assert "a projector's refresh spread over its interval" in report.blocks(
+        results, str, str, "x")["headline"]
+    for entries in step["summary"].values():
+        for entry in entries.values():
+            entry.pop("amortized_ratio_to_adamw", None)
+    headline = report.blocks(results, str, str, "x")["headline"]
+    assert "whole-model step, projector refreshes not included" in headline
+    assert "spread over its interval" not in headline
