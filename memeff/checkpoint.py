@@ -7,7 +7,8 @@ It holds everything that decides the rest of a run: ``model`` and ``optimizer`` 
 ``dataset`` and its ``chars`` (the char vocabulary, or None for BPE), the ``evals`` so far,
 the ``batch_generator`` state, ``world_size`` and every rank's ``rng_states`` (and
 ``cuda_rng_states`` on CUDA). It is loaded with ``weights_only=True``: tensors and plain
-Python values only, never arbitrary objects.
+Python values only, never arbitrary objects, except the projector objects that GaLore's
+and APOLLO's state holds (the registry's ``checkpoint_classes``).
 """
 
 from __future__ import annotations
@@ -72,7 +73,10 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu",
         raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt); train "
                          f"again into a new --out-dir")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        from memeff.optim.registry import checkpoint_classes
+
+        with torch.serialization.safe_globals(checkpoint_classes()):
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" not in str(exc):
             raise ValueError(f"{path} is not a readable checkpoint (corrupt: {type(exc).__name__});"

@@ -334,3 +334,27 @@ def test_adamsn_auto_takes_columns_of_a_wide_matrix_which_adamwsn_cannot():
     optimizer = AdamSN([p])
     optimizer.step()
     assert optimizer.state[p]["exp_avg_sq"].shape == (1, 48)  # one subset per column
+
+
+@pytest.mark.parametrize("name", ["galore_adamw", "apollo_mini"])
+def test_a_projecting_peer_run_resumes_exactly_and_samples_from_its_checkpoint(
+        tmp_path, interrupt_at_eval, name):
+    """Their state holds projector objects: the checkpoint loads them (weights_only, with the
+    registry's checkpoint_classes), so nothing is lost when such a run is interrupted."""
+    require(name)
+    from memeff.sample import sample_text
+    from memeff.train import train
+
+    settings = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4, eval_iters=1,
+                    warmup_iters=2, log_interval=1000, max_iters=12, eval_interval=4,
+                    optimizer=name, learning_rate=1e-2, optimizer_hparams={"rank": 4,
+                                                                           "update_proj_gap": 5})
+    uninterrupted = train(TrainConfig(**settings))
+    disarm = interrupt_at_eval(3)  # evaluations at 0 and 4 have run and been checkpointed
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**settings, out_dir=str(tmp_path)))
+    disarm()
+    resumed = train(TrainConfig(**settings, out_dir=str(tmp_path), resume=True))
+    assert resumed.iters_run == 8  # a projector refresh (every 5 steps) after the resume
+    assert resumed.evals == uninterrupted.evals
+    assert len(sample_text(tmp_path, max_new_tokens=8)[0]) > 1

@@ -284,6 +284,9 @@ class OptimizerSpec:
     takes_model: bool = False  # the optimizer takes the model (names, config): build(model=...)
     # bytes the optimizer holds once whatever its params (e.g. shared quantization maps)
     shared_state_bytes: Callable[[torch.optim.Optimizer], int] | None = None
+    # the package's classes whose objects its state holds (GaLore's and APOLLO's projectors):
+    # a checkpoint loads them, with tensors and plain values, and nothing else
+    checkpoint_classes: tuple[str, ...] = ()
 
     def missing_package(self) -> str | None:
         """What to install when this optimizer's package does not import, else None."""
@@ -364,6 +367,8 @@ class OptimizerSpec:
 SUBSPACE_RANK = 128  # AdamSN+SM's default rank and projector refresh gap
 SUBSPACE_GAP = 200
 
+APOLLO_PROJECTOR = ("apollo_torch.random_projector.GradientProjector",)
+
 SPECS: tuple[OptimizerSpec, ...] = (
     OptimizerSpec("adamw", "AdamW (torch, fused)", "adam", _class("torch.optim.AdamW"),
                   adamw_state_bytes, defaults={"fused": True},
@@ -426,7 +431,9 @@ SPECS: tuple[OptimizerSpec, ...] = (
                                    "scale": 0.25},
                   defaults={"no_deprecation_warning": True},
                   refused=("no_deprecation_warning",), matrices_only=True,
-                  package="galore-torch", tuned={"learning_rate": 3e-2, "weight_decay": 0.1,
+                  package="galore-torch",
+                  checkpoint_classes=("galore_torch.galore_projector.GaLoreProjector",),
+                  tuned={"learning_rate": 3e-2, "weight_decay": 0.1,
                                                  "optimizer_hparams": {"rank": 32}}),
     OptimizerSpec("apollo", "APOLLO", "low-rank",
                   _class("apollo_torch.APOLLOAdamW"), apollo_state_bytes,
@@ -435,7 +442,8 @@ SPECS: tuple[OptimizerSpec, ...] = (
                   matrix_settings={"rank": SUBSPACE_RANK, "update_proj_gap": SUBSPACE_GAP,
                                    "scale": 1.0},
                   refused=("no_deprecation_warning",), matrices_only=True,
-                  package="apollo-torch", tuned={"learning_rate": 3e-2, "weight_decay": 0.1,
+                  package="apollo-torch", checkpoint_classes=APOLLO_PROJECTOR,
+                  tuned={"learning_rate": 3e-2, "weight_decay": 0.1,
                                                  "optimizer_hparams": {"rank": 32}}),
     OptimizerSpec("apollo_mini", "APOLLO-Mini", "low-rank",
                   _class("apollo_torch.APOLLOAdamW"), apollo_state_bytes,
@@ -443,7 +451,8 @@ SPECS: tuple[OptimizerSpec, ...] = (
                                              "scale_type": "tensor"}),
                   matrix_settings={"rank": 1, "update_proj_gap": SUBSPACE_GAP, "scale": 128.0},
                   refused=("no_deprecation_warning",), matrices_only=True,
-                  package="apollo-torch", tuned={"learning_rate": 1e-2, "weight_decay": 0.1}),
+                  package="apollo-torch", checkpoint_classes=APOLLO_PROJECTOR,
+                  tuned={"learning_rate": 1e-2, "weight_decay": 0.1}),
     OptimizerSpec("torch_muon", "Muon + AdamW (torch)", "momentum-only",
                   _class("memeff.optim.peers.MuonWithAdamW"), muon_with_adamw_state_bytes,
                   by_kind=_on_matrices("use_muon"), matrices_only=True, package="torch",
@@ -477,6 +486,13 @@ def spec(name: str) -> OptimizerSpec:
 
 def label(name: str) -> str:
     return spec(name).label
+
+
+def checkpoint_classes() -> list[type]:
+    """The classes a checkpoint may hold besides tensors and plain values: those of the
+    installed peers' :attr:`OptimizerSpec.checkpoint_classes`."""
+    return list({_class(path)() for s in SPECS if s.checkpoint_classes
+                 and s.missing_package() is None for path in s.checkpoint_classes})
 
 
 def missing_package(name: str) -> str | None:
