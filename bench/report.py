@@ -1314,6 +1314,35 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i])
 
 
+LABEL_RISE = 4  # points: a label sits this far above and 6 right of its point, if it fits
+
+
+def label_offsets(ax, labels: list[tuple[float, float, str]], fontsize: float
+                  ) -> list[tuple[float, float]]:
+    """An offset (in points) for each (x, y, text) label, so that no two overlap: each
+    takes the first of rising then alternately lower and higher rows, one text line apart,
+    whose box (its width estimated from its length, with a margin) is clear of the points
+    and of the labels placed before."""
+    to_points = 72 / ax.figure.dpi
+    at = [tuple(v * to_points for v in ax.transData.transform((x, y))) for x, y, _ in labels]
+    marker = 5  # points, each side of a point's center
+    placed = [(px - marker, py - marker, px + marker, py + marker) for px, py in at]
+    line, offsets = 1.3 * fontsize, [None] * len(labels)
+    order = sorted(range(len(labels)), key=lambda i: -labels[i][1])  # top to bottom
+    for i in order:
+        (px, py), text = at[i], labels[i][2]
+        width = 0.65 * fontsize * len(text) + 4
+        for k in range(40):
+            dy = LABEL_RISE + line * ((k + 1) // 2) * (-1 if k % 2 else 1)
+            box = (px + 6, py + dy, px + 6 + width, py + dy + line)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
+                       for b in placed):
+                break
+        placed.append(box)
+        offsets[i] = (6, dy)
+    return offsets
+
+
 def loss_vs_state_figure(plt, training: dict, peers: dict | None = None):
     """Whole-split val loss against optimizer-state bytes, ours and the peers' (where their
     runs are comparable), with the Pareto frontier: the points no other beats on both."""
@@ -1336,26 +1365,31 @@ def loss_vs_state_figure(plt, training: dict, peers: dict | None = None):
         ys = [points[i][1] for i in front]
         ax.step(xs, ys, where="post", color="gray", linewidth=2, alpha=0.5, zorder=1,
                 label="Pareto frontier: no other point has less state and lower loss")
+    colors = plt.get_cmap("tab10" if len(points) <= 10 else "tab20")  # one per point
     for i, (x, y, loss, name, peer) in enumerate(points):
         ax.errorbar([x], [y], yerr=[[y - loss["min"]], [loss["max"] - y]],
-                    marker="s" if peer else "o", capsize=3, linestyle="none", color=f"C{i % 10}",
+                    marker="s" if peer else "o", capsize=3, linestyle="none", color=colors(i),
                     zorder=2)
-        ax.annotate(name, (x, y), xytext=(6, 4), textcoords="offset points", fontsize=7,
-                    fontstyle="italic" if peer else "normal",
-                    fontweight="bold" if i in front else "normal")
+    ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    ax.set_xlim(lo, hi * 3)  # room for the point labels
     ax.plot([], [], marker="o", linestyle="none", color="gray", label="ours and torch's")
     if len(documents) > 1:
         ax.plot([], [], marker="s", linestyle="none", color="gray",
                 label="peers (other packages), in italics")
-    ax.set_xscale("log")
     ax.set(xlabel="optimizer state, whole model (MiB, measured; log scale)",
            ylabel="final val loss, whole split\n(mean; bars: min to max over seeds)",
            title=f"Optimizer memory against final loss, baby GPT, "
                  f"{training['config']['max_iters']} iterations (bold: on the frontier)")
-    lo, hi = ax.get_xlim()
-    ax.set_xlim(lo, hi * 3)  # room for the point labels
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
-    fig.tight_layout()
+    fig.tight_layout()  # before the labels are placed: it moves the axes
+    offsets = label_offsets(ax, [(x, y, name) for x, y, _, name, _ in points], fontsize=7)
+    for i, ((x, y, _, name, peer), offset) in enumerate(zip(points, offsets)):
+        ax.annotate(name, (x, y), xytext=offset, textcoords="offset points", fontsize=7,
+                    fontstyle="italic" if peer else "normal",
+                    fontweight="bold" if i in front else "normal",
+                    arrowprops=dict(arrowstyle="-", color=colors(i), linewidth=0.6,
+                                    shrinkA=0, shrinkB=3) if offset[1] != LABEL_RISE else None)
     return fig
 
 

@@ -797,3 +797,18 @@ def test_the_headline_says_refreshes_are_amortized_only_where_the_file_times_the
     headline = report.blocks(results, str, str, "x")["headline"]
     assert "whole-model step, projector refreshes not included" in headline
     assert "spread over its interval" not in headline
+
+
+def test_point_labels_are_placed_clear_of_each_other():
+    plt = report._pyplot()
+    fig, ax = plt.subplots(figsize=(4, 3))
+    try:
+        ax.set_xlim(0, 10)
+        ax.set_ylim(0, 10)
+        labels = [(5, 5, "first label"), (5, 5, "second label"), (5.1, 5, "third"), (1, 9, "far")]
+        offsets = report.label_offsets(ax, labels, fontsize=7)
+        assert offsets[3] == (6, report.LABEL_RISE)  # alone: beside its point
+        rows = [dy for _, dy in offsets[:3]]
+        assert len(set(rows)) == 3 and min(abs(a - b) for a in rows for b in rows if a != b) >= 9
+    finally:
+        plt.close(fig)
