@@ -355,10 +355,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         document = ablate(variants, out, args.seed, args.workers, base, args.runs_dir)
     else:
         if args.optimizers is None:
-            optimizers = [name for name in GRID if missing_package(name) is None]
-            for name in GRID:
-                if name not in optimizers:
-                    print(f"skipping {missing_package(name)}", file=sys.stderr)
+            hints = {name: missing_package(name) for name in GRID}
+            optimizers = [name for name, hint in hints.items() if hint is None]
+            for hint in filter(None, hints.values()):
+                print(f"skipping {hint}", file=sys.stderr)
         else:
             optimizers = args.optimizers.split(",")
         document = sweep(optimizers, out, args.seed, floats(args.lrs, "--lrs"),

@@ -1314,6 +1314,11 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i])
 
 
+def distinct_colors(plt, n: int) -> Callable[[int], Any]:
+    """A colormap giving each of ``n`` lines or points a color of its own."""
+    return plt.get_cmap("tab10" if n <= 10 else "tab20")
+
+
 LABEL_RISE = 4  # points: a label sits this far above and 6 right of its point, if it fits
 
 
@@ -1365,7 +1370,7 @@ def loss_vs_state_figure(plt, training: dict, peers: dict | None = None):
         ys = [points[i][1] for i in front]
         ax.step(xs, ys, where="post", color="gray", linewidth=2, alpha=0.5, zorder=1,
                 label="Pareto frontier: no other point has less state and lower loss")
-    colors = plt.get_cmap("tab10" if len(points) <= 10 else "tab20")  # one per point
+    colors = distinct_colors(plt, len(points))
     for i, (x, y, loss, name, peer) in enumerate(points):
         ax.errorbar([x], [y], yerr=[[y - loss["min"]], [loss["max"] - y]],
                     marker="s" if peer else "o", capsize=3, linestyle="none", color=colors(i),
@@ -1506,7 +1511,7 @@ def sharded_state_figure(plt, sharded: dict):
     fails = {r["optimizer"] for r in sharded["rows"] if not r["works"]}
     fig, ax = plt.subplots(figsize=(10, 4.2))
     names = [n for n in REGISTRY if any(r["optimizer"] == n for r in rows)]
-    colors = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")  # one per line drawn
+    colors = distinct_colors(plt, len(names))
     for i, name in enumerate(names):  # peers: squares, dashed
         peer = name in PEER_NAMES
         color = colors(i)

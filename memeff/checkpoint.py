@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from memeff.io import atomic_write
+from memeff.optim.registry import checkpoint_classes
 
 CHECKPOINT_NAME = "ckpt.pt"
 SHARDED_NAME = "ckpt.dcp"
@@ -73,8 +74,6 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu",
         raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt); train "
                          f"again into a new --out-dir")
     try:
-        from memeff.optim.registry import checkpoint_classes
-
         with torch.serialization.safe_globals(checkpoint_classes()):
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
