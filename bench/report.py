@@ -39,8 +39,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Sequence
 
-from bench.results import (FSDP_OUTCOMES, check_writable_dir, is_current, read_results,
-                           schema_version)
+from bench.results import FSDP_OUTCOMES, check_writable_dir, is_current, read_results
 from memeff import cli
 from memeff.optim.registry import BASELINE, OPTIMIZER_NAMES, PEER_NAMES, REGISTRY, label, spec
 
@@ -115,14 +114,14 @@ READ_FIELDS = {  # suite -> the fields the report reads from a file of its curre
                    "ratio_to_adamw": NUMBER, "live_bytes": INTEGER, "analytic_bytes": INTEGER}},
     "step_time": {
         "rows[]": {"optimizer": OPTIMIZER},
-        # the peers' fields ("?": absent from rows written before the peers were timed)
+        # "?": null where it does not apply (no compile, no refresh, the model's own shapes)
         "rows[test_step_time]": {
             "model": TEXT, "timed_shapes?": TEXT, "shape_note?": TEXT, "first_step_s?": NUMBER,
             "compile_s?": NUMBER, "refresh_interval?": INTEGER, "refresh_step_median_s?": NUMBER},
         "summary": {"*": {"<optimizer>": {
             "interleaved_median_s": NUMBER, "ratio_to_adamw": NUMBER,
             "ratio_to_adamw_foreach": NUMBER, "fraction_of_floor": NUMBER, "peer?": BOOLEAN,
-            "amortized_ratio_to_adamw?": NUMBER, "refresh_ratio_to_adamw?": NUMBER,
+            "amortized_ratio_to_adamw": NUMBER, "refresh_ratio_to_adamw?": NUMBER,
             "compile_s?": NUMBER, "shape_note?": TEXT}}}},
     "kv_cache": {
         "rows[]": {"test": TEXT},
@@ -152,9 +151,9 @@ READ_FIELDS = {  # suite -> the fields the report reads from a file of its curre
                    "step_time_ratio?": NUMBER, "max_param_rel_diff?": NUMBER,
                    "micro_batch_rel_diff?": NUMBER,
                    "step_peak_method?": TEXT, "collective_method": TEXT,
-                   "classification?": FSDP_OUTCOME, "state_formula_holds?": BOOLEAN},
+                   "classification": FSDP_OUTCOME, "state_formula_holds?": BOOLEAN},
         "summary": {"<optimizer>": {"works": BOOLEAN, "exact": BOOLEAN, "error?": TEXT,
-                                    "classification?": FSDP_OUTCOME, "max_param_rel_diff?": NUMBER,
+                                    "classification": FSDP_OUTCOME, "max_param_rel_diff?": NUMBER,
                                     "micro_batch_rel_diff?": NUMBER, "world_sizes[]": INTEGER}}},
     "lr_sweep": {
         "config": {"max_iters": INTEGER, "base": {"eval_iters": INTEGER},
@@ -215,24 +214,12 @@ def check_fields(value: Any, spec: dict | Kind, source: str, where: str = "") ->
                 check_fields(item, inner, source, path)
 
 
-# suite -> the oldest schema version whose rows the report shows: it reads the fields that
-# newer rows add as optional, so an older file's measurements still show (without what
-# it lacks) until the suite is rerun. Other suites: their current version only.
-SHOWN_SINCE = {"step_time": 2, "sharded": 1}
-
-
-def shown(document: dict) -> bool:
-    """Whether the report shows a valid results document's rows."""
-    suite = document["suite"]
-    return document["schema_version"] >= SHOWN_SINCE.get(suite, schema_version(suite))
-
-
 def read_checked(path: Path) -> dict:
     """A results file, with the fields the report reads checked (a file of older rows is
     only named as such, so only its schema is)."""
     document = read_results(path)
     check_finite(document, str(path))
-    if shown(document):
+    if is_current(document):
         check_fields(document, READ_FIELDS.get(document["suite"], {}), str(path))
     return document
 
@@ -260,7 +247,7 @@ def decode_rows(kv: dict) -> list[dict]:
 def current(results: dict[str, dict], suite: str) -> dict | None:
     """The suite's document when it is published with its current rows, else None."""
     document = results.get(suite)
-    return document if document is not None and shown(document) else None
+    return document if document is not None and is_current(document) else None
 
 
 def pending(results: dict[str, dict], suite: str) -> str:
@@ -407,16 +394,6 @@ def kv_share_of_mha(base: dict, n_kv_head: int) -> float:
 
 # ---- README.md blocks -------------------------------------------------------------------
 
-def step_models_note(step: dict) -> str:
-    """How the headline's step times were taken: with the refreshes amortized where the file
-    times them (files from before refresh timing do not)."""
-    amortized = any("amortized_ratio_to_adamw" in entry for model in step["summary"].values()
-                    for entry in model.values())
-    return "interleaved medians of a whole-model step" + (
-        ", a projector's refresh spread over its interval" if amortized else
-        ", projector refreshes not included")
-
-
 def headline_block(results: dict[str, dict], data_link: Callable[[str], str]) -> str:
     training = results.get("training")
     if training is None:
@@ -465,7 +442,7 @@ def headline_block(results: dict[str, dict], data_link: Callable[[str], str]) ->
             if timed != model:  # a footnote mark per set of shapes timed in place of a model's
                 budget_shapes.setdefault(timed, "†" * (len(budget_shapes) + 1))
                 mark = budget_shapes[timed]
-            cells.append(num(amortized_ratio(entry), ".2f", f"step_time {model} {name}")
+            cells.append(num(entry["amortized_ratio_to_adamw"], ".2f", f"step_time {model} {name}")
                          + "x" + mark)
         if not models:
             cells.append("not yet measured")
@@ -504,7 +481,8 @@ def headline_block(results: dict[str, dict], data_link: Callable[[str], str]) ->
     else:
         note += f" ([training_peers.json]({data_link('training_peers')}))."
     if step:
-        note += f" Step time: {step_models_note(step)} ([step_time.json]({data_link('step_time')}))"
+        note += (" Step time: interleaved medians of a whole-model step, a projector's refresh "
+                 f"spread over its interval ([step_time.json]({data_link('step_time')}))")
         for timed, mark in budget_shapes.items():
             note += f"; {mark}: timed on {timed}, the model's own shapes past the time budget"
         note += "."
@@ -533,29 +511,9 @@ def exact_rule(sharded: dict) -> str:
             "times what accumulating the same batch in micro-batches changes in one process")
 
 
-def fsdp_outcome(entry: dict) -> str:
-    """One of :data:`FSDP_OUTCOMES` for an optimizer's sharded summary: the suite's own
-    ``classification`` where it gives one (files from before it do not), else from whether
-    it works and is exact."""
-    if entry.get("classification") is not None:
-        return entry["classification"]
-    if not entry["works"]:
-        return "fails"
-    return "exact" if entry["exact"] else "runs but differs"
-
-
-def row_outcome(row: dict, config: dict) -> str:
-    """A sharded row's :data:`FSDP_OUTCOMES` entry (from the suite's exactness rule where
-    the row predates its ``classification``); "one process" for N = 1."""
-    if row["world_size"] == 1:
-        return "one process"
-    if row.get("classification") is not None:
-        return row["classification"]
-    if not row["works"]:
-        return "fails"
-    exact = row["max_param_rel_diff"] <= max(config["exact_tolerance"],
-                                             config["exact_rounding_factor"] * row["micro_batch_rel_diff"])
-    return "exact" if exact else "runs but differs"
+def row_outcome(row: dict) -> str:
+    """A sharded row's :data:`FSDP_OUTCOMES` entry; "one process" for N = 1."""
+    return "one process" if row["world_size"] == 1 else row["classification"]
 
 
 def error_kind(error: str | None) -> str:
@@ -576,7 +534,7 @@ def fsdp_cell(sharded: dict | None, name: str) -> str:
     entry = sharded["summary"].get(name)
     if entry is None:
         return "n/a"
-    outcome = fsdp_outcome(entry)
+    outcome = entry["classification"]
     if outcome == "fails":
         error = entry.get("error") or next((r.get("error") for r in sharded["rows"]
                                             if r["optimizer"] == name and not r["works"]), None)
@@ -616,7 +574,7 @@ def provenance_block(results: dict[str, dict], data_link: Callable[[str], str],
             device += f" ({env['cpu_capability']})"
         threads = f"{env['torch_threads']} thread{'s' if env['torch_threads'] != 1 else ''}"
         took = duration(env)
-        status = "" if shown(doc) else " (older rows: not shown)"
+        status = "" if is_current(doc) else " (older rows: not shown)"
         rows.append([f"[`{suite}`]({data_link(suite)}){status}", f"`{doc['profile']}`",
                      env["utc_time"] + (f", {took}" if took else ""),
                      f"`{(env.get('git_commit') or 'unknown')[:7]}`{dirty}",
@@ -865,12 +823,6 @@ def optimizer_cell(name: str) -> str:
     return f"*{label(name)}*" if name in PEER_NAMES else label(name)
 
 
-def amortized_ratio(entry: dict) -> float:
-    """A step-time summary entry's ratio to fused AdamW with its projector refreshes spread
-    over their interval (the plain ratio where the entry predates refresh timing)."""
-    return entry.get("amortized_ratio_to_adamw", entry["ratio_to_adamw"])
-
-
 def step_rows(step: dict) -> dict[tuple[str, str], dict]:
     """The step suite's whole-model rows by (model, optimizer)."""
     return {(r["model"], r["optimizer"]): r for r in step["rows"]
@@ -902,7 +854,7 @@ def step_block(results: dict[str, dict], link: Callable[[str], str]) -> str:
                 notes.append(f"{label(name)} on {model}: "
                              f"{r.get('shape_note') or e.get('shape_note') or 'timed on ' + timed}.")
             amortized = ("" if e.get("refresh_ratio_to_adamw") is None else
-                         num(amortized_ratio(e), ".2f", field + " amortized") + "x")
+                         num(e["amortized_ratio_to_adamw"], ".2f", field + " amortized") + "x")
             rows.append([timed, optimizer_cell(name),
                          num(e["interleaved_median_s"] * 1e3, ".2f", field + " interleaved_median_s"),
                          num(e["ratio_to_adamw"], ".2f", field + " ratio_to_adamw") + "x",
@@ -954,7 +906,7 @@ def sharded_block(results: dict[str, dict], link: Callable[[str], str]) -> str:
         field = f"sharded {r['model']} {r['optimizer']} N={r['world_size']}"
         cells = [r["model"], optimizer_cell(r["optimizer"]), str(r["world_size"])]
         if not r["works"]:
-            body.append(cells + ["n/a"] * 8 + [row_outcome(r, sharded["config"])])
+            body.append(cells + ["n/a"] * 8 + [row_outcome(r)])
             continue
         state = max(r["state_bytes_per_rank"])
         base = one_process.get((r["model"], r["optimizer"]))
@@ -967,7 +919,7 @@ def sharded_block(results: dict[str, dict], link: Callable[[str], str]) -> str:
                   num(100 * max(r["collective_share_per_rank"]), ".0f", field + " share") + "%",
                   num(r["max_param_rel_diff"], ".1e", field + " difference"),
                   num(r["micro_batch_rel_diff"], ".1e", field + " micro-batches"),
-                  row_outcome(r, sharded["config"])]
+                  row_outcome(r)]
         body.append(cells)
     failures = {}
     for r in rows:
@@ -1201,7 +1153,7 @@ def step_time_figure(plt, step: dict):
     for ax, model in zip(axes[0], models):
         timed = [(yi, n, summary[model][n]) for yi, n in zip(y, names) if n in summary[model]]
         ratios = [e["ratio_to_adamw"] for _, _, e in timed]
-        amortized = [amortized_ratio(e) for _, _, e in timed
+        amortized = [e["amortized_ratio_to_adamw"] for _, _, e in timed
                      if e.get("refresh_ratio_to_adamw") is not None]
         ax.barh([yi for yi, _, _ in timed], [r - 1 for r in ratios], left=1.0, height=0.6,
                 color=["tab:green" if r < 1 else "tab:red" for r in ratios])
@@ -1213,10 +1165,10 @@ def step_time_figure(plt, step: dict):
             text = f"{r:.2f}x" + ("†" if shapes.get((model, n), model) != model else "")
             end = r
             if e.get("refresh_ratio_to_adamw") is not None:
-                end = max(r, amortized_ratio(e)) if r >= 1 else r
-                ax.plot([amortized_ratio(e)], [yi], marker="|", markersize=12,
+                end = max(r, e["amortized_ratio_to_adamw"]) if r >= 1 else r
+                ax.plot([e["amortized_ratio_to_adamw"]], [yi], marker="|", markersize=12,
                         color="black", linestyle="none")
-                text += f" ({amortized_ratio(e):.2f}x)"
+                text += f" ({e['amortized_ratio_to_adamw']:.2f}x)"
             ax.text(end * 1.08 if r >= 1 else end / 1.08, yi, text, va="center",
                     ha="left" if r >= 1 else "right", fontsize=7)
         for yi, n in zip(y, names):

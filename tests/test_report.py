@@ -235,7 +235,7 @@ def step_document(new_rows: bool, peers: bool = False):
                    for name, r in (("adamw", 1.0), ("adamsn", 0.8), ("adamw_foreach", 3.0))}
         return {"summary": {"baby": entries, "gpt2-124M": copy.deepcopy(entries)}, "rows": [],
                 "profile": "full", "environment": ENVIRONMENT, "suite": "step_time",
-                "schema_version": report.SHOWN_SINCE["step_time"] - 1}
+                "schema_version": SCHEMA_VERSIONS["step_time"] - 1}
 
     def row(model, name, r, refresh=None, compile_s=None, timed=None):
         median = r * 1e-3
@@ -287,15 +287,6 @@ def test_current_decode_rows_give_each_paths_time_against_mha():
     assert "| 128 | 128 MiB |" in mqa and mqa.endswith("| 0.031 |")
     assert "GQA and MQA points each path decodes faster" in table
     assert "`folded` 2, `sdpa_gqa` 0" in table
-
-
-def test_older_rows_show_only_from_the_version_the_report_reads():
-    for suite, oldest in report.SHOWN_SINCE.items():
-        assert report.shown({"suite": suite, "schema_version": oldest})
-        assert not report.shown({"suite": suite, "schema_version": oldest - 1})
-    newest = SCHEMA_VERSIONS["kv_cache"]  # a suite without older rows it reads
-    assert report.shown({"suite": "kv_cache", "schema_version": newest})
-    assert not report.shown({"suite": "kv_cache", "schema_version": newest - 1})
 
 
 def test_step_time_headline_takes_the_ratio_to_fused_adamw(tmp_path):
@@ -470,7 +461,7 @@ def sharded_document():
     """A sharded results file in the suite's own format: AdamW halves its state on 2 ranks,
     torch's Adafactor fails there."""
     from bench.results import environment, results_document
-    from bench.test_sharded import ShardedRow, suite_config, summarize
+    from bench.test_sharded import ShardedRow, classify, suite_config, summarize
 
     def row(name, world_size, state, error=None):
         works = error is None
@@ -478,7 +469,7 @@ def sharded_document():
         def each(value):  # one value per rank; None where it fails
             return [value] * world_size if works else None
 
-        return dataclasses.asdict(ShardedRow(
+        made = dataclasses.asdict(ShardedRow(
             model="baby", n_params=804_096, optimizer=name, world_size=world_size,
             backend="gloo" if world_size > 1 else "none", batch_per_rank=2, block_size=64,
             threads_per_rank=1, cpu_cores=2, works=works, error=error,
@@ -492,6 +483,7 @@ def sharded_document():
             equivalence_steps=3, max_param_rel_diff=1e-7 * (world_size - 1) if works else None,
             max_update_rel_diff=1e-6 * (world_size - 1) if works else None,
             micro_batch_rel_diff=5e-8 * (world_size - 1) if works else None))
+        return {**made, "classification": classify(made)}
 
     rows = [row("adamw", 1, 2**21), row("adamw", 2, 2**20),
             row("torch_adafactor", 1, 2**10),
@@ -697,15 +689,13 @@ def test_loss_vs_state_draws_the_peers_and_the_frontier():
 
 
 @pytest.mark.parametrize("entry, cell", [
-    (dict(works=True, exact=True, max_param_rel_diff=1e-7), "yes, exact to 1e-07"),
-    (dict(works=True, exact=False, max_param_rel_diff=3e-3), "runs, but off by 3e-03"),
-    (dict(works=False, exact=False, error="torch.distributed.DistStoreError: `x` timed out"),
+    (dict(classification="exact", max_param_rel_diff=1e-7), "yes, exact to 1e-07"),
+    (dict(classification="runs but differs", max_param_rel_diff=3e-3), "runs, but off by 3e-03"),
+    (dict(classification="fails", error="torch.distributed.DistStoreError: `x` timed out"),
      "no: fails (DistStoreError)"),
-    (dict(works=False, exact=False, error="the step raised on rank 1"),
+    (dict(classification="fails", error="the step raised on rank 1"),
      "no: fails (the step raised on ...)"),
-    (dict(works=True, exact=True, classification="runs but differs", max_param_rel_diff=2e-5),
-     "runs, but off by 2e-05"),
-], ids=["exact", "differs", "fails", "fails-without-a-type", "suite-says"])
+], ids=["exact", "differs", "fails", "fails-without-a-type"])
 def test_fsdp_cell_gives_each_outcome(entry, cell):
     sharded = {"summary": {"apollo": {"world_sizes": [2, 3], **entry}}, "rows": []}
     assert report.fsdp_cell(sharded, "apollo") == cell
@@ -784,19 +774,6 @@ def test_the_lr_sweep_figure_wraps_the_peers_panels_onto_more_rows():
         assert fig.get_size_inches()[0] <= 3.0 * report.LR_SWEEP_COLUMNS
     finally:
         plt.close(fig)
-
-
-def test_the_headline_says_refreshes_are_amortized_only_where_the_file_times_them():
-    step = step_document(True, peers=True)
-    results = {"training": training_document(), "step_time": step}
-    assert "a projector's refresh spread over its interval" in report.blocks(
-        results, str, str, "x")["headline"]
-    for entries in step["summary"].values():
-        for entry in entries.values():
-            entry.pop("amortized_ratio_to_adamw", None)
-    headline = report.blocks(results, str, str, "x")["headline"]
-    assert "whole-model step, projector refreshes not included" in headline
-    assert "spread over its interval" not in headline
 
 
 def test_point_labels_are_placed_clear_of_each_other():
