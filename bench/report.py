@@ -120,7 +120,7 @@ READ_FIELDS = {  # suite -> the fields the report reads from a file of its curre
             "compile_s?": NUMBER, "refresh_interval?": INTEGER, "refresh_step_median_s?": NUMBER},
         "summary": {"*": {"<optimizer>": {
             "interleaved_median_s": NUMBER, "ratio_to_adamw": NUMBER,
-            "ratio_to_adamw_foreach": NUMBER, "fraction_of_floor": NUMBER, "peer?": BOOLEAN,
+            "ratio_to_adamw_foreach": NUMBER, "fraction_of_floor": NUMBER,
             "amortized_ratio_to_adamw": NUMBER, "refresh_ratio_to_adamw?": NUMBER,
             "compile_s?": NUMBER, "shape_note?": TEXT}}}},
     "kv_cache": {
@@ -152,8 +152,8 @@ READ_FIELDS = {  # suite -> the fields the report reads from a file of its curre
                    "micro_batch_rel_diff?": NUMBER,
                    "step_peak_method?": TEXT, "collective_method": TEXT,
                    "classification": FSDP_OUTCOME, "state_formula_holds?": BOOLEAN},
-        "summary": {"<optimizer>": {"works": BOOLEAN, "exact": BOOLEAN, "error?": TEXT,
-                                    "classification": FSDP_OUTCOME, "max_param_rel_diff?": NUMBER,
+        "summary": {"<optimizer>": {"classification": FSDP_OUTCOME, "error?": TEXT,
+                                    "max_param_rel_diff?": NUMBER,
                                     "micro_batch_rel_diff?": NUMBER, "world_sizes[]": INTEGER}}},
     "lr_sweep": {
         "config": {"max_iters": INTEGER, "base": {"eval_iters": INTEGER},
