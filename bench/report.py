@@ -536,9 +536,7 @@ def fsdp_cell(sharded: dict | None, name: str) -> str:
         return "n/a"
     outcome = entry["classification"]
     if outcome == "fails":
-        error = entry.get("error") or next((r.get("error") for r in sharded["rows"]
-                                            if r["optimizer"] == name and not r["works"]), None)
-        return f"no: fails ({error_kind(error).replace('`', '')})"
+        return f"no: fails ({error_kind(entry.get('error')).replace('`', '')})"
     diff = entry.get("max_param_rel_diff")
     diff = "n/a" if diff is None else num(diff, ".0e", f"sharded {name} max_param_rel_diff")
     return f"yes, exact to {diff}" if outcome == "exact" else f"runs, but off by {diff}"
