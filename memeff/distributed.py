@@ -39,8 +39,9 @@ def process_group(device_type: str) -> Iterator[None]:
     """Join the process group of a torchrun launch for the block, and leave it afterwards.
 
     gloo for ``"cpu"``, nccl for ``"cuda"`` (each process on ``cuda:LOCAL_RANK``). The group
-    is destroyed when the block ends, by an error too. Does nothing in a single process, or
-    when the caller already holds a group (the caller then owns it).
+    is destroyed when the block ends, by an error too; a block that ends normally first
+    waits at a barrier for every rank. Does nothing in a single process, or when the caller
+    already holds a group (the caller then owns it).
     """
     if launched_world_size() == 1 or _in_group():
         yield
@@ -53,6 +54,9 @@ def process_group(device_type: str) -> Iterator[None]:
     dist.init_process_group(BACKENDS[device_type])
     try:
         yield
+        # rank 0 finishes last (it writes the results): no rank closes its connections
+        # while another still holds them open
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
